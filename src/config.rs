@@ -1,0 +1,537 @@
+//! Validated supervisor settings. See [`Config`].
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// What counts as a sign of life from the peer for the pong deadline.
+///
+/// See `docs/keepalive.md` for the full rule. In both modes only a pong whose
+/// payload matches one of our pings yields a round-trip-time sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Liveness {
+    /// Any pong frame (matching or unsolicited) proves the peer alive.
+    ///
+    /// Stricter: the peer must be reading our frames and answering them.
+    Pong,
+    /// Any complete inbound frame (data, ping, pong) proves the peer alive.
+    ///
+    /// The default: a peer that is busy streaming data to us is alive even
+    /// if its pong sits behind that data, so it is never killed for it. A peer
+    /// that stops *reading* is caught by the write timeout instead.
+    #[default]
+    AnyFrame,
+}
+
+/// The settings of a [`Supervisor`](crate::Supervisor), validated.
+///
+/// Built with [`Config::builder`]; every knob has a default chosen for a
+/// service holding many mostly idle connections (see each setter's `# Default`).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use ws_supervisor::Config;
+///
+/// let config = Config::builder()
+///     .ping_interval(Duration::from_secs(5))
+///     .pong_timeout(Duration::from_secs(2))
+///     .build()?;
+/// assert_eq!(config.ping_interval(), Duration::from_secs(5));
+/// # Ok::<(), ws_supervisor::ConfigError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    ping_jitter: Duration,
+    liveness: Liveness,
+    handshake_timeout: Duration,
+    close_timeout: Duration,
+    write_timeout: Duration,
+    max_connections: Option<NonZeroUsize>,
+    max_message_size: usize,
+    max_frame_size: usize,
+    read_buffer_size: usize,
+    write_buffer_limit: usize,
+    inbound_queue: NonZeroUsize,
+    outbound_queue: NonZeroUsize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        ConfigBuilder::new()
+            .build()
+            .expect("the default configuration is valid")
+    }
+}
+
+impl Config {
+    /// Starts a builder with every default.
+    #[must_use]
+    pub const fn builder() -> ConfigBuilder {
+        ConfigBuilder::new()
+    }
+
+    /// Time between two pings on one connection.
+    pub const fn ping_interval(&self) -> Duration {
+        self.ping_interval
+    }
+    /// How long after a ping the peer has to show liveness.
+    pub const fn pong_timeout(&self) -> Duration {
+        self.pong_timeout
+    }
+    /// Upper bound of the random phase added to each connection's ping schedule.
+    pub const fn ping_jitter(&self) -> Duration {
+        self.ping_jitter
+    }
+    /// What counts as liveness.
+    pub const fn liveness(&self) -> Liveness {
+        self.liveness
+    }
+    /// Deadline of the opening (HTTP upgrade) handshake.
+    pub const fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+    /// Deadline of the closing handshake.
+    pub const fn close_timeout(&self) -> Duration {
+        self.close_timeout
+    }
+    /// How long a write may stay blocked before the connection is declared stalled.
+    pub const fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+    /// Maximum number of live connections, if limited.
+    pub const fn max_connections(&self) -> Option<NonZeroUsize> {
+        self.max_connections
+    }
+    /// Largest inbound message, in bytes.
+    pub const fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+    /// Largest inbound frame payload, in bytes.
+    pub const fn max_frame_size(&self) -> usize {
+        self.max_frame_size
+    }
+    /// Capacity of each connection's read buffer, in bytes.
+    pub const fn read_buffer_size(&self) -> usize {
+        self.read_buffer_size
+    }
+    /// Most bytes a connection may hold waiting to be written to the socket.
+    pub const fn write_buffer_limit(&self) -> usize {
+        self.write_buffer_limit
+    }
+    /// Messages received but not yet taken by the application, per connection.
+    pub const fn inbound_queue(&self) -> NonZeroUsize {
+        self.inbound_queue
+    }
+    /// Messages sent by the application but not yet written, per connection.
+    pub const fn outbound_queue(&self) -> NonZeroUsize {
+        self.outbound_queue
+    }
+
+    /// The tungstenite settings these knobs translate to.
+    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            // Write each message straight to the socket: the driver flushes
+            // after every batch anyway, and a staging buffer per idle
+            // connection is memory we do not want to hold.
+            .write_buffer_size(0)
+            .max_write_buffer_size(self.write_buffer_limit)
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_frame_size))
+    }
+}
+
+/// Builds a [`Config`]; [`build`](Self::build) checks the combination.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    ping_jitter: Option<Duration>,
+    liveness: Liveness,
+    handshake_timeout: Duration,
+    close_timeout: Duration,
+    write_timeout: Duration,
+    max_connections: Option<NonZeroUsize>,
+    max_message_size: usize,
+    max_frame_size: usize,
+    read_buffer_size: usize,
+    write_buffer_limit: usize,
+    inbound_queue: NonZeroUsize,
+    outbound_queue: NonZeroUsize,
+}
+
+impl Default for ConfigBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+impl ConfigBuilder {
+    /// A builder holding every default.
+    pub const fn new() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
+            ping_jitter: None,
+            liveness: Liveness::AnyFrame,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_connections: None,
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            read_buffer_size: 4 << 10,
+            write_buffer_limit: 4 << 20,
+            inbound_queue: nz(32),
+            outbound_queue: nz(64),
+        }
+    }
+
+    /// Time between two pings on one connection; the first goes out one
+    /// interval (plus this connection's jitter) after the connection opens.
+    ///
+    /// # Default
+    /// 20 s: well inside the 60 s idle timeout of common load balancers and
+    /// NATs, at one small frame per connection per 20 s.
+    pub const fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// How long after a ping the peer has to show liveness (see
+    /// [`Liveness`]) before the connection dies with
+    /// [`CloseReason::Timeout`](crate::CloseReason::Timeout).
+    ///
+    /// # Default
+    /// 10 s: above any sane round trip, even on a congested mobile link. A dead
+    /// peer is then detected at most `ping_interval + ping_jitter + pong_timeout`
+    /// (30 s + jitter by default) after the last frame it sent.
+    pub const fn pong_timeout(mut self, timeout: Duration) -> Self {
+        self.pong_timeout = timeout;
+        self
+    }
+
+    /// Upper bound of a random phase added once to each connection's ping
+    /// schedule, so connections accepted together do not ping together.
+    /// Must not exceed the ping interval; `Duration::ZERO` disables it.
+    ///
+    /// # Default
+    /// One tenth of the ping interval.
+    pub const fn ping_jitter(mut self, jitter: Duration) -> Self {
+        self.ping_jitter = Some(jitter);
+        self
+    }
+
+    /// What counts as liveness for the pong deadline.
+    ///
+    /// # Default
+    /// [`Liveness::AnyFrame`]: see its docs for why.
+    pub const fn liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
+    /// Deadline of the opening handshake (the HTTP upgrade), for
+    /// [`Supervisor::accept`](crate::Supervisor::accept) and
+    /// [`Supervisor::connect`](crate::Supervisor::connect). A connection that
+    /// does not finish in time is refused and never reaches the close hook.
+    ///
+    /// # Default
+    /// 10 s.
+    pub const fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the peer to finish a closing handshake before
+    /// the transport is dropped.
+    ///
+    /// # Default
+    /// 5 s.
+    pub const fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// How long a write to the socket may stay blocked (the peer does not
+    /// read) before the connection dies with
+    /// [`CloseReason::Timeout`](crate::CloseReason::Timeout).
+    ///
+    /// # Default
+    /// 10 s.
+    pub const fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Maximum number of live connections; beyond it new ones are refused
+    /// (HTTP 503 on [`accept`](crate::Supervisor::accept)).
+    ///
+    /// # Default
+    /// `None`: unlimited (the process's file-descriptor limit still applies).
+    pub const fn max_connections(mut self, max: Option<NonZeroUsize>) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Largest inbound message in bytes; a larger one is a protocol error
+    /// (close code 1009).
+    ///
+    /// # Default
+    /// 1 MiB (tungstenite's own default, 64 MiB, lets one peer pin 64 MiB).
+    pub const fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Largest inbound frame payload in bytes; must not exceed
+    /// [`max_message_size`](Self::max_message_size).
+    ///
+    /// # Default
+    /// 1 MiB.
+    pub const fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Capacity of each connection's read buffer in bytes (allocated when
+    /// the connection opens).
+    ///
+    /// # Default
+    /// 4 KiB (tungstenite's 128 KiB costs 128 KiB per idle connection).
+    pub const fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.read_buffer_size = bytes;
+        self
+    }
+
+    /// Most bytes one connection may hold waiting for the socket. A single
+    /// outbound message larger than this is refused by
+    /// [`Sender::send`](crate::Sender::send).
+    ///
+    /// # Default
+    /// 4 MiB.
+    pub const fn write_buffer_limit(mut self, bytes: usize) -> Self {
+        self.write_buffer_limit = bytes;
+        self
+    }
+
+    /// Messages received but not yet taken by the application. While it is
+    /// full the supervisor stops reading that socket and suspends the pong
+    /// deadline (see `docs/keepalive.md`).
+    ///
+    /// # Default
+    /// 32.
+    pub const fn inbound_queue(mut self, messages: NonZeroUsize) -> Self {
+        self.inbound_queue = messages;
+        self
+    }
+
+    /// Messages the application has sent but the supervisor has not yet
+    /// written. While it is full, [`Sender::send`](crate::Sender::send) waits.
+    ///
+    /// # Default
+    /// 64.
+    pub const fn outbound_queue(mut self, messages: NonZeroUsize) -> Self {
+        self.outbound_queue = messages;
+        self
+    }
+
+    /// Checks the combination and builds the [`Config`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first invalid setting: a zero duration,
+    /// jitter above the interval, a zero size, a frame limit above the
+    /// message limit, or a write-buffer limit below the read buffer.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        for (name, value) in [
+            ("ping_interval", self.ping_interval),
+            ("pong_timeout", self.pong_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("close_timeout", self.close_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        let ping_jitter = self.ping_jitter.unwrap_or(self.ping_interval / 10);
+        if ping_jitter > self.ping_interval {
+            return Err(ConfigError::JitterAboveInterval {
+                jitter: ping_jitter,
+                interval: self.ping_interval,
+            });
+        }
+        for (name, value) in [
+            ("max_message_size", self.max_message_size),
+            ("max_frame_size", self.max_frame_size),
+            ("read_buffer_size", self.read_buffer_size),
+            ("write_buffer_limit", self.write_buffer_limit),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroSize(name));
+            }
+        }
+        if self.max_frame_size > self.max_message_size {
+            return Err(ConfigError::FrameAboveMessage {
+                frame: self.max_frame_size,
+                message: self.max_message_size,
+            });
+        }
+        // Control frames (pongs, the close reply) must always fit.
+        if self.write_buffer_limit < MIN_WRITE_BUFFER {
+            return Err(ConfigError::WriteBufferTooSmall {
+                limit: self.write_buffer_limit,
+                min: MIN_WRITE_BUFFER,
+            });
+        }
+        Ok(Config {
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
+            ping_jitter,
+            liveness: self.liveness,
+            handshake_timeout: self.handshake_timeout,
+            close_timeout: self.close_timeout,
+            write_timeout: self.write_timeout,
+            max_connections: self.max_connections,
+            max_message_size: self.max_message_size,
+            max_frame_size: self.max_frame_size,
+            read_buffer_size: self.read_buffer_size,
+            write_buffer_limit: self.write_buffer_limit,
+            inbound_queue: self.inbound_queue,
+            outbound_queue: self.outbound_queue,
+        })
+    }
+}
+
+/// Smallest accepted write-buffer limit: room for a few control frames.
+const MIN_WRITE_BUFFER: usize = 1024;
+
+/// Why [`ConfigBuilder::build`] refused a combination of settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration that must be positive was zero; names the setting.
+    ZeroDuration(&'static str),
+    /// A size that must be positive was zero; names the setting.
+    ZeroSize(&'static str),
+    /// The ping jitter exceeds the ping interval.
+    JitterAboveInterval {
+        /// The jitter asked for.
+        jitter: Duration,
+        /// The ping interval.
+        interval: Duration,
+    },
+    /// The frame limit exceeds the message limit.
+    FrameAboveMessage {
+        /// `max_frame_size`.
+        frame: usize,
+        /// `max_message_size`.
+        message: usize,
+    },
+    /// The write-buffer limit cannot hold control frames.
+    WriteBufferTooSmall {
+        /// The limit asked for.
+        limit: usize,
+        /// The smallest accepted limit.
+        min: usize,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroDuration(name) => write!(f, "{name} must be greater than zero"),
+            Self::ZeroSize(name) => write!(f, "{name} must be greater than zero"),
+            Self::JitterAboveInterval { jitter, interval } => write!(
+                f,
+                "ping_jitter ({jitter:?}) must not exceed ping_interval ({interval:?})"
+            ),
+            Self::FrameAboveMessage { frame, message } => write!(
+                f,
+                "max_frame_size ({frame}) must not exceed max_message_size ({message})"
+            ),
+            Self::WriteBufferTooSmall { limit, min } => {
+                write!(f, "write_buffer_limit ({limit}) must be at least {min} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.ping_interval(), Duration::from_secs(20));
+        assert_eq!(c.pong_timeout(), Duration::from_secs(10));
+        assert_eq!(c.ping_jitter(), Duration::from_secs(2));
+        assert_eq!(c.liveness(), Liveness::AnyFrame);
+        assert_eq!(c.read_buffer_size(), 4096);
+        assert_eq!(c.max_message_size(), 1 << 20);
+        let ws = c.websocket_config();
+        assert_eq!(ws.max_write_buffer_size, 4 << 20);
+        assert_eq!(ws.max_message_size, Some(1 << 20));
+    }
+
+    #[test]
+    fn zero_interval_is_rejected() {
+        let err = Config::builder()
+            .ping_interval(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::ZeroDuration("ping_interval"));
+        assert!(err.to_string().contains("ping_interval"));
+    }
+
+    #[test]
+    fn each_invalid_combination_is_rejected() {
+        let b = Config::builder;
+        assert!(matches!(
+            b().pong_timeout(Duration::ZERO).build(),
+            Err(ConfigError::ZeroDuration("pong_timeout"))
+        ));
+        assert!(matches!(
+            b().ping_interval(Duration::from_secs(1))
+                .ping_jitter(Duration::from_secs(2))
+                .build(),
+            Err(ConfigError::JitterAboveInterval { .. })
+        ));
+        assert!(matches!(
+            b().max_message_size(10).max_frame_size(11).build(),
+            Err(ConfigError::FrameAboveMessage { .. })
+        ));
+        assert!(matches!(
+            b().read_buffer_size(0).build(),
+            Err(ConfigError::ZeroSize("read_buffer_size"))
+        ));
+        assert!(matches!(
+            b().write_buffer_limit(10).build(),
+            Err(ConfigError::WriteBufferTooSmall { .. })
+        ));
+        assert!(
+            b().ping_interval(Duration::from_secs(1))
+                .ping_jitter(Duration::ZERO)
+                .build()
+                .is_ok()
+        );
+    }
+}

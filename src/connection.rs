@@ -1,0 +1,397 @@
+//! What the application holds for one supervised connection. See [`Connection`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::close::{CloseEvent, truncate_text};
+use crate::error::Error;
+use crate::heartbeat::HeartbeatStats;
+
+/// Identifies a connection within its supervisor (unique, increasing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(pub(crate) u64);
+
+impl ConnectionId {
+    /// The number behind the id.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A snapshot of one connection's heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Pings sent by the supervisor.
+    pub pings_sent: u64,
+    /// Pongs received, matching or not.
+    pub pongs_received: u64,
+    /// Pongs that matched none of our recent pings (unsolicited or stale).
+    pub pongs_unmatched: u64,
+    /// Round-trip time of the last matched pong.
+    pub last_rtt: Option<Duration>,
+    /// Smoothed round-trip time (EWMA, alpha = 1/8, as RFC 6298).
+    pub smoothed_rtt: Option<Duration>,
+    /// Time since the last inbound frame (or since the connection opened).
+    pub since_last_inbound: Duration,
+}
+
+/// Sentinel for "no RTT yet" in the atomics.
+const NONE: u64 = u64::MAX;
+
+/// State shared by the driver (writer) and the application's handles (readers).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// When the handshake completed.
+    pub(crate) opened: Instant,
+    pings_sent: AtomicU64,
+    pongs_received: AtomicU64,
+    pongs_unmatched: AtomicU64,
+    /// Microseconds, or `NONE`.
+    last_rtt_us: AtomicU64,
+    /// Microseconds, or `NONE`.
+    smoothed_rtt_us: AtomicU64,
+    /// Microseconds after `opened`.
+    last_inbound_us: AtomicU64,
+    /// Set once by the driver when the connection has ended.
+    event: OnceLock<CloseEvent>,
+    /// Wakes [`Connection::closed`] waiters once `event` is set.
+    notify: Notify,
+    /// The application's task panicked while holding the [`Connection`].
+    pub(crate) app_panicked: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(opened: Instant) -> Self {
+        Self {
+            opened,
+            pings_sent: AtomicU64::new(0),
+            pongs_received: AtomicU64::new(0),
+            pongs_unmatched: AtomicU64::new(0),
+            last_rtt_us: AtomicU64::new(NONE),
+            smoothed_rtt_us: AtomicU64::new(NONE),
+            last_inbound_us: AtomicU64::new(0),
+            event: OnceLock::new(),
+            notify: Notify::new(),
+            app_panicked: AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes the heartbeat counters (called on pings and pongs only).
+    pub(crate) fn publish(&self, s: &HeartbeatStats) {
+        let us = |d: Option<Duration>| d.map_or(NONE, |d| d.as_micros() as u64);
+        self.pings_sent.store(s.pings_sent, Relaxed);
+        self.pongs_received.store(s.pongs_received, Relaxed);
+        self.pongs_unmatched.store(s.pongs_unmatched, Relaxed);
+        self.last_rtt_us.store(us(s.last_rtt), Relaxed);
+        self.smoothed_rtt_us.store(us(s.smoothed_rtt), Relaxed);
+    }
+
+    /// Records an inbound frame at `at`.
+    pub(crate) fn touch(&self, at: Instant) {
+        let us = at.saturating_duration_since(self.opened).as_micros() as u64;
+        self.last_inbound_us.store(us, Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let dur = |v: u64| (v != NONE).then(|| Duration::from_micros(v));
+        let last = self.opened + Duration::from_micros(self.last_inbound_us.load(Relaxed));
+        Stats {
+            pings_sent: self.pings_sent.load(Relaxed),
+            pongs_received: self.pongs_received.load(Relaxed),
+            pongs_unmatched: self.pongs_unmatched.load(Relaxed),
+            last_rtt: dur(self.last_rtt_us.load(Relaxed)),
+            smoothed_rtt: dur(self.smoothed_rtt_us.load(Relaxed)),
+            since_last_inbound: Instant::now().saturating_duration_since(last),
+        }
+    }
+
+    /// Stores the final event and wakes every waiter. Called once.
+    pub(crate) fn finish(&self, event: CloseEvent) {
+        let _ = self.event.set(event);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn event(&self) -> Option<&CloseEvent> {
+        self.event.get()
+    }
+}
+
+/// A request from the application to the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Send(Message),
+    Close(Option<CloseFrame>),
+}
+
+// ===== impl Sender =====
+
+/// A cloneable handle that sends on one connection; many tasks may hold one.
+///
+/// Messages go through a bounded queue (see
+/// [`ConfigBuilder::outbound_queue`](crate::ConfigBuilder::outbound_queue))
+/// to the connection's driver task, which writes them in order. No lock is
+/// held across an await.
+#[derive(Clone)]
+pub struct Sender {
+    tx: mpsc::Sender<Command>,
+    id: ConnectionId,
+    write_buffer_limit: usize,
+}
+
+impl Sender {
+    pub(crate) fn new(tx: mpsc::Sender<Command>, id: ConnectionId, limit: usize) -> Self {
+        Self {
+            tx,
+            id,
+            write_buffer_limit: limit,
+        }
+    }
+
+    /// The connection this sender writes to.
+    pub fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    /// Queues a text or binary message, waiting while the queue is full.
+    ///
+    /// # Errors
+    /// [`Error::is_closed`] once the connection is closing or closed;
+    /// [`Error::is_invalid_input`] for a ping, pong, close or raw frame (the
+    /// supervisor owns those) or a message larger than the write-buffer limit.
+    /// In every error case nothing was queued.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if the future is dropped before it completes, the message
+    /// was not queued.
+    pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
+        let message = message.into();
+        match &message {
+            Message::Text(_) | Message::Binary(_) => {}
+            _ => return Err(Error::invalid("only text and binary messages can be sent")),
+        }
+        if message.len() > self.write_buffer_limit {
+            return Err(Error::invalid("message larger than the write-buffer limit"));
+        }
+        self.tx
+            .send(Command::Send(message))
+            .await
+            .map_err(|_| Error::closed())
+    }
+
+    /// Starts the closing handshake with `code` and `reason` (cut to 123
+    /// bytes on a character boundary), after the messages already queued.
+    ///
+    /// [`CloseCode::Status`] (1005) sends an empty Close frame. The reason
+    /// reported in the [`CloseEvent`] follows the code's row of the reason
+    /// table (1000 is [`Normal`](crate::CloseReason::Normal)).
+    ///
+    /// # Errors
+    /// [`Error::is_invalid_input`] for codes that must not appear on the wire
+    /// (1006, 1015, reserved ranges) or text with 1005;
+    /// [`Error::is_closed`] if the connection is already closing.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped before completion, no Close was queued.
+    pub async fn close(&self, code: CloseCode, reason: &str) -> Result<(), Error> {
+        let frame = match code {
+            CloseCode::Status if reason.is_empty() => None,
+            code if code.is_allowed() => Some(CloseFrame {
+                code,
+                reason: truncate_text(reason).into(),
+            }),
+            _ => return Err(Error::invalid("close code not allowed on the wire")),
+        };
+        self.tx
+            .send(Command::Close(frame))
+            .await
+            .map_err(|_| Error::closed())
+    }
+
+    /// Whether the connection has stopped taking messages.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl fmt::Debug for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender")
+            .field("id", &self.id)
+            .field("closed", &self.tx.is_closed())
+            .finish()
+    }
+}
+
+// ===== impl Connection =====
+
+/// One supervised WebSocket connection, as the application holds it.
+///
+/// The supervisor's task drives the socket: it pings, reads pongs, answers
+/// the peer's pings and enforces every deadline whether or not the
+/// application reads or writes. The application gets:
+///
+/// * a [`Stream`] of inbound text and binary messages (or
+///   [`recv`](Self::recv)), which ends when the connection ends;
+/// * a cloneable [`Sender`] ([`sender`](Self::sender), or
+///   [`send`](Self::send) directly);
+/// * [`close`](Self::close), [`closed`](Self::closed) (its [`CloseEvent`]),
+///   [`stats`](Self::stats), [`id`](Self::id) and
+///   [`peer_addr`](Self::peer_addr).
+///
+/// Dropping the `Connection` closes it with 1000 (reason
+/// [`Normal`](crate::CloseReason::Normal), local). Dropping it while the
+/// holding task panics closes it with 1011 (reason
+/// [`Internal`](crate::CloseReason::Internal), local).
+///
+/// If the application stops taking messages, the inbound queue fills, the
+/// supervisor stops reading the socket (TCP pushes back on the peer), and
+/// the pong deadline is suspended: our own backpressure is never reported as
+/// the peer's timeout. See `docs/keepalive.md`.
+pub struct Connection {
+    rx: mpsc::Receiver<Message>,
+    sender: Sender,
+    shared: std::sync::Arc<Shared>,
+    peer_addr: Option<SocketAddr>,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Message>,
+        sender: Sender,
+        shared: std::sync::Arc<Shared>,
+        peer_addr: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            rx,
+            sender,
+            shared,
+            peer_addr,
+        }
+    }
+
+    /// This connection's id.
+    pub fn id(&self) -> ConnectionId {
+        self.sender.id
+    }
+
+    /// The peer's address, when the transport has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// A cloneable sender for this connection.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// Receives the next text or binary message; `None` once the connection
+    /// has ended and every received message was taken.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no message is lost if the future is dropped.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// Queues a message; see [`Sender::send`].
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Sender::send`].
+    pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
+        self.sender.send(message).await
+    }
+
+    /// Starts the closing handshake; see [`Sender::close`]. Await
+    /// [`closed`](Self::closed) for the outcome.
+    ///
+    /// # Errors
+    /// As [`Sender::close`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Sender::close`].
+    pub async fn close(&self, code: CloseCode, reason: &str) -> Result<(), Error> {
+        self.sender.close(code, reason).await
+    }
+
+    /// A live snapshot of the heartbeat.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// The close event, if the connection has already ended.
+    pub fn close_event(&self) -> Option<CloseEvent> {
+        self.shared.event().cloned()
+    }
+
+    /// Waits until the connection has ended (and every close hook has run)
+    /// and returns its [`CloseEvent`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn closed(&self) -> CloseEvent {
+        closed(&self.shared).await
+    }
+}
+
+/// Waits for the event of `shared`.
+pub(crate) async fn closed(shared: &Shared) -> CloseEvent {
+    loop {
+        let notified = shared.notify.notified();
+        tokio::pin!(notified);
+        // Register before checking, so a `finish` in between is not missed.
+        notified.as_mut().enable();
+        if let Some(event) = shared.event() {
+            return event.clone();
+        }
+        notified.await;
+    }
+}
+
+impl Stream for Connection {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.app_panicked.store(true, Relaxed);
+        }
+        // Dropping `rx` next is what tells the driver to close.
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.sender.id)
+            .field("peer_addr", &self.peer_addr)
+            .field("closed", &self.shared.event().is_some())
+            .finish()
+    }
+}

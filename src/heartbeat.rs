@@ -1,0 +1,335 @@
+//! The ping schedule, pong matching and RTT estimate, with no I/O. See [`Heartbeat`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Liveness;
+
+/// How many recent pings keep their send time for RTT matching. A pong for
+/// an older ping still counts as liveness, just not as an RTT sample.
+const RING: usize = 4;
+
+/// One connection's heartbeat: when to ping, when the peer is overdue, and
+/// what its pongs say about the round trip.
+///
+/// Pure state: every method takes the current [`Instant`], so it is tested
+/// without sockets or timers. The schedule (see `docs/keepalive.md`):
+///
+/// * pings at `open + interval + phase`, then every `interval`; a ping that
+///   comes due late (the task was stalled) goes out once, and the next one
+///   is an interval after it: missed pings never burst;
+/// * a *liveness event* at `t` (a pong, or any frame under
+///   [`Liveness::AnyFrame`]) answers every ping sent up to `t`;
+/// * the deadline is `first unanswered ping + timeout`;
+/// * while [suspended](Self::suspend) (our own inbound queue is full, so we
+///   are not reading) there is no deadline; on resume the peer gets a fresh
+///   `timeout` from the moment we read again.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    /// Time between pings.
+    interval: Duration,
+    /// Time the peer has to show liveness after a ping.
+    timeout: Duration,
+    /// What counts as liveness.
+    liveness: Liveness,
+    /// XORed into sequence numbers so that foreign pongs rarely match.
+    key: u64,
+    /// When the next ping is due.
+    next_ping: Instant,
+    /// Sequence number of the next ping.
+    seq: u64,
+    /// Lowest sequence number not yet acknowledged by a matching pong.
+    unacked: u64,
+    /// Send times of the last `RING` pings, indexed by `seq % RING`.
+    sent_at: [Instant; RING],
+    /// Send time of the first ping after the last liveness event.
+    anchor: Option<Instant>,
+    /// Earliest deadline allowed after a resume.
+    not_before: Option<Instant>,
+    /// Reading is suspended by our own backpressure.
+    suspended: bool,
+    /// When the last inbound frame arrived (or the connection opened).
+    last_inbound: Instant,
+    /// Counters and RTT, as reported to the application.
+    stats: HeartbeatStats,
+}
+
+/// Counters and round-trip estimates of one heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HeartbeatStats {
+    pub(crate) pings_sent: u64,
+    pub(crate) pongs_received: u64,
+    pub(crate) pongs_unmatched: u64,
+    pub(crate) last_rtt: Option<Duration>,
+    pub(crate) smoothed_rtt: Option<Duration>,
+}
+
+/// What a received pong turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pong {
+    /// It answered one of our recent pings; the sample is its round trip.
+    Matched(Duration),
+    /// Unsolicited, stale, or foreign: liveness only.
+    Unmatched,
+}
+
+/// The size of a ping payload: a masked sequence number.
+pub(crate) const PAYLOAD_LEN: usize = 8;
+
+impl Heartbeat {
+    /// A heartbeat for a connection opened at `now`; `phase` (at most the
+    /// configured jitter) shifts the whole schedule, and `key` masks nonces.
+    pub(crate) fn new(
+        now: Instant,
+        interval: Duration,
+        timeout: Duration,
+        phase: Duration,
+        liveness: Liveness,
+        key: u64,
+    ) -> Self {
+        Self {
+            interval,
+            timeout,
+            liveness,
+            key,
+            next_ping: now + interval + phase,
+            seq: 0,
+            unacked: 0,
+            sent_at: [now; RING],
+            anchor: None,
+            not_before: None,
+            suspended: false,
+            last_inbound: now,
+            stats: HeartbeatStats::default(),
+        }
+    }
+
+    /// When the peer is overdue, if a ping is unanswered and we are reading.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        if self.suspended {
+            return None;
+        }
+        let due = self.anchor? + self.timeout;
+        Some(match self.not_before {
+            Some(nb) if nb > due => nb,
+            _ => due,
+        })
+    }
+
+    /// The earliest instant at which [`poll`](Self::poll) has something to do.
+    pub(crate) fn next_wakeup(&self) -> Instant {
+        match self.deadline() {
+            Some(d) if d < self.next_ping => d,
+            _ => self.next_ping,
+        }
+    }
+
+    /// Whether the peer missed its deadline at `now`.
+    pub(crate) fn is_expired(&self, now: Instant) -> bool {
+        self.deadline().is_some_and(|d| now >= d)
+    }
+
+    /// When a ping is due at `now`, records it as sent and returns its payload.
+    pub(crate) fn ping_due(&mut self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
+        if now < self.next_ping {
+            return None;
+        }
+        self.next_ping += self.interval;
+        if self.next_ping <= now {
+            // We were stalled past a whole interval: one ping now, and the
+            // schedule restarts from here instead of bursting.
+            self.next_ping = now + self.interval;
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        self.sent_at[(seq % RING as u64) as usize] = now;
+        self.anchor.get_or_insert(now);
+        self.stats.pings_sent += 1;
+        Some((seq ^ self.key).to_be_bytes())
+    }
+
+    /// Records a pong received at `now` with `payload`.
+    pub(crate) fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Pong {
+        self.stats.pongs_received += 1;
+        self.alive(now);
+        let matched = <[u8; PAYLOAD_LEN]>::try_from(payload)
+            .ok()
+            .map(|p| u64::from_be_bytes(p) ^ self.key)
+            .filter(|&s| s >= self.unacked && s < self.seq && self.seq - s <= RING as u64);
+        let Some(s) = matched else {
+            self.stats.pongs_unmatched += 1;
+            return Pong::Unmatched;
+        };
+        // A later pong acknowledges every earlier ping as well.
+        self.unacked = s + 1;
+        let rtt = now.saturating_duration_since(self.sent_at[(s % RING as u64) as usize]);
+        self.stats.last_rtt = Some(rtt);
+        self.stats.smoothed_rtt = Some(match self.stats.smoothed_rtt {
+            // RFC 6298's alpha = 1/8.
+            Some(srtt) => (srtt * 7 + rtt) / 8,
+            None => rtt,
+        });
+        Pong::Matched(rtt)
+    }
+
+    /// Records any other inbound frame (data, ping, close) received at `now`.
+    pub(crate) fn on_frame(&mut self, now: Instant) {
+        match self.liveness {
+            Liveness::AnyFrame => self.alive(now),
+            Liveness::Pong => self.last_inbound = now,
+        }
+    }
+
+    fn alive(&mut self, now: Instant) {
+        self.last_inbound = now;
+        self.anchor = None;
+        self.not_before = None;
+    }
+
+    /// Our inbound queue is full: we stop reading, so the peer cannot be
+    /// blamed for what we do not read.
+    pub(crate) fn suspend(&mut self) {
+        self.suspended = true;
+    }
+
+    /// We read again at `now`: the peer gets a full timeout from here.
+    pub(crate) fn resume(&mut self, now: Instant) {
+        if self.suspended {
+            self.suspended = false;
+            self.not_before = Some(now + self.timeout);
+        }
+    }
+
+    /// When the last inbound frame arrived (the open time if none yet).
+    pub(crate) fn last_inbound(&self) -> Instant {
+        self.last_inbound
+    }
+
+    /// The counters so far.
+    pub(crate) fn stats(&self) -> HeartbeatStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn hb(now: Instant, timeout: Duration) -> Heartbeat {
+        Heartbeat::new(now, S, timeout, Duration::ZERO, Liveness::Pong, 0xdead_beef)
+    }
+
+    #[test]
+    fn first_ping_one_interval_after_open_with_phase() {
+        let t0 = Instant::now();
+        let mut h = Heartbeat::new(t0, S, S, 300 * MS, Liveness::Pong, 1);
+        assert!(h.ping_due(t0 + S).is_none());
+        assert!(h.ping_due(t0 + S + 300 * MS).is_some());
+        assert_eq!(h.next_wakeup(), t0 + 2 * S + 300 * MS);
+    }
+
+    #[test]
+    fn missed_ticks_do_not_burst() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 10 * S);
+        // Stalled for 5.5 intervals: one ping, then the next a full interval on.
+        let late = t0 + 5 * S + 500 * MS;
+        assert!(h.ping_due(late).is_some());
+        assert!(h.ping_due(late).is_none());
+        assert!(h.ping_due(late + S - MS).is_none());
+        assert!(h.ping_due(late + S).is_some());
+        assert_eq!(h.stats().pings_sent, 2);
+    }
+
+    #[test]
+    fn deadline_is_first_unanswered_ping_plus_timeout() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 3 * S);
+        assert_eq!(h.deadline(), None);
+        let p1 = t0 + S;
+        h.ping_due(p1).unwrap();
+        h.ping_due(p1 + S).unwrap(); // a second ping does not move the deadline
+        assert_eq!(h.deadline(), Some(p1 + 3 * S));
+        assert!(!h.is_expired(p1 + 3 * S - MS));
+        assert!(h.is_expired(p1 + 3 * S));
+    }
+
+    #[test]
+    fn matched_pong_measures_rtt_and_acknowledges_earlier_pings() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 3 * S);
+        let first = h.ping_due(t0 + S).unwrap();
+        let second = h.ping_due(t0 + 2 * S).unwrap();
+        let at = t0 + 2 * S + 120 * MS;
+        assert_eq!(h.on_pong(at, &second), Pong::Matched(120 * MS));
+        assert_eq!(h.deadline(), None);
+        // The first ping was acknowledged by the later pong: its own pong is stale.
+        assert_eq!(h.on_pong(at, &first), Pong::Unmatched);
+        let s = h.stats();
+        assert_eq!((s.pings_sent, s.pongs_received, s.pongs_unmatched), (2, 2, 1));
+        assert_eq!(s.last_rtt, Some(120 * MS));
+    }
+
+    #[test]
+    fn unsolicited_pong_is_liveness_not_rtt() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        h.ping_due(t0 + S).unwrap();
+        assert_eq!(h.on_pong(t0 + S + 10 * MS, b"hello"), Pong::Unmatched);
+        assert_eq!(h.deadline(), None);
+        assert_eq!(h.stats().last_rtt, None);
+        assert_eq!(h.stats().smoothed_rtt, None);
+    }
+
+    #[test]
+    fn smoothed_rtt_is_an_ewma() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        let p = h.ping_due(t0 + S).unwrap();
+        h.on_pong(t0 + S + 80 * MS, &p);
+        let p = h.ping_due(t0 + 2 * S).unwrap();
+        h.on_pong(t0 + 2 * S + 160 * MS, &p);
+        assert_eq!(h.stats().smoothed_rtt, Some(90 * MS));
+        assert_eq!(h.stats().last_rtt, Some(160 * MS));
+    }
+
+    #[test]
+    fn liveness_policy_decides_whether_data_counts() {
+        let t0 = Instant::now();
+        let mut strict = hb(t0, S);
+        strict.ping_due(t0 + S).unwrap();
+        strict.on_frame(t0 + S + MS);
+        assert!(strict.deadline().is_some(), "data is not a pong");
+        assert_eq!(strict.last_inbound(), t0 + S + MS);
+
+        let mut lenient = Heartbeat::new(t0, S, S, Duration::ZERO, Liveness::AnyFrame, 0);
+        lenient.ping_due(t0 + S).unwrap();
+        lenient.on_frame(t0 + S + MS);
+        assert_eq!(lenient.deadline(), None);
+    }
+
+    #[test]
+    fn suspension_lifts_the_deadline_and_resume_grants_a_full_timeout() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        h.ping_due(t0 + S).unwrap();
+        h.suspend();
+        assert_eq!(h.deadline(), None);
+        assert!(!h.is_expired(t0 + 10 * S));
+        h.resume(t0 + 10 * S);
+        assert_eq!(h.deadline(), Some(t0 + 11 * S));
+    }
+
+    #[test]
+    fn payloads_are_unique_per_ping() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        let a = h.ping_due(t0 + S).unwrap();
+        let b = h.ping_due(t0 + 2 * S).unwrap();
+        assert_ne!(a, b);
+    }
+}

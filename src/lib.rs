@@ -1,0 +1,108 @@
+//! Supervised WebSocket connections for long-lived tokio services.
+//!
+//! A [`Supervisor`] keeps every WebSocket connection of a service honest: it
+//! pings each peer on a schedule, holds each peer to a pong deadline, and,
+//! whenever a connection ends for any reason, runs the service's close hooks
+//! exactly once with a categorized [`CloseReason`] — `Normal`, `GoingAway`,
+//! `Timeout`, `ProtocolError`, `Abnormal` or `Internal`.
+//!
+//! Half-open connections (a peer that vanished without FIN or RST, a
+//! process that is stopped, a NAT that forgot the flow) look alive to the
+//! kernel for hours; the supervisor finds them within
+//! `ping_interval + ping_jitter + pong_timeout` of the last frame the peer
+//! sent. And "why did it close?" gets one answer from one table
+//! (`docs/close-reasons.md`), instead of a bare 1006.
+//!
+//! # Examples
+//!
+//! A supervised echo server:
+//!
+//! ```
+//! use std::time::Duration;
+//! use ws_supervisor::{CloseEvent, Config, Supervisor};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::builder()
+//!     .ping_interval(Duration::from_secs(15))
+//!     .pong_timeout(Duration::from_secs(5))
+//!     .build()?;
+//! let supervisor = Supervisor::builder(config)
+//!     .on_close(|e: &CloseEvent| println!("{} {} ({}), rtt {:?}", e.id, e.reason, e.initiator, e.stats.smoothed_rtt))
+//!     .build();
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let addr = listener.local_addr()?;
+//! # tokio::spawn(async move {
+//! #     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await.unwrap();
+//! #     ws.close(None).await.unwrap();
+//! #     while let Some(Ok(_)) = futures::StreamExt::next(&mut ws).await {}
+//! # });
+//! # for _ in 0..1 {
+//! let (tcp, _) = listener.accept().await?;
+//! let mut conn = supervisor.accept_tcp(tcp).await?;
+//! tokio::spawn(async move {
+//!     while let Some(message) = conn.recv().await {
+//!         if conn.send(message).await.is_err() {
+//!             break;
+//!         }
+//!     }
+//! });
+//! # }
+//! # while !supervisor.is_empty() { tokio::task::yield_now().await; }
+//! # assert_eq!(supervisor.closed_total(ws_supervisor::CloseReason::Normal), 1);
+//! supervisor.shutdown(Duration::from_secs(10)).await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! * [`Config`] (`config.rs`): every knob, validated by [`ConfigBuilder::build`].
+//! * [`Supervisor`] (`supervisor.rs`): the handle — [`accept`](Supervisor::accept),
+//!   [`supervise`](Supervisor::supervise), [`connect`](Supervisor::connect),
+//!   [`shutdown`](Supervisor::shutdown).
+//! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
+//!   holds — a stream of messages, a cloneable sender, close, stats.
+//! * `driver.rs`: the per-connection task that owns the socket and wires the
+//!   pieces below together.
+//! * `heartbeat.rs`: the ping schedule, pong matching and RTT estimate, with
+//!   no I/O.
+//! * [`CloseReason`] and [`CloseEvent`] (`close.rs`): the reason table.
+//! * [`CloseHook`] (`hook.rs`): exactly-once hooks with panic containment.
+//! * [`Error`] (`error.rs`): handshake and send errors.
+//!
+//! Behaviour in depth lives in `docs/`: `keepalive.md` (the heartbeat
+//! rules and the detection bound) and `close-reasons.md` (the table).
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+#![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod close;
+mod config;
+mod connection;
+mod driver;
+mod error;
+mod heartbeat;
+mod hook;
+mod supervisor;
+
+pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
+pub use config::{Config, ConfigBuilder, ConfigError, Liveness};
+pub use connection::{Connection, ConnectionId, Sender, Stats};
+pub use error::{Error, HandshakeFailure};
+pub use hook::CloseHook;
+pub use supervisor::{Accept, ShutdownSummary, Supervisor, SupervisorBuilder};
+
+/// The WebSocket implementation underneath, re-exported for its types
+/// ([`Message`](tungstenite::Message), request and response types).
+pub use tokio_tungstenite::tungstenite;
+/// RFC 6455 close codes, as tungstenite names them.
+pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -1,0 +1,640 @@
+//! The supervisor handle: accept, connect, supervise, shut down. See [`Supervisor`].
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, NoCallback, Request, Response,
+};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::close::CloseReason;
+use crate::config::Config;
+use crate::connection::{Connection, ConnectionId, Sender, Shared};
+use crate::driver::Driver;
+use crate::error::{Error, HandshakeFailure};
+use crate::hook::{CloseHook, Hooks};
+
+/// Supervises WebSocket connections: pings each peer on a schedule, holds it
+/// to a pong deadline, and runs the close hooks exactly once per connection
+/// with a categorized [`CloseReason`].
+///
+/// A cheap handle: clones share the same connections, hooks and counters.
+/// Each connection is driven by its own task (tracked by a
+/// [`TaskTracker`], stopped through a [`CancellationToken`]), so pings go out
+/// and deadlines fire even while the application is busy elsewhere.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use ws_supervisor::{Config, Supervisor};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let supervisor = Supervisor::builder(Config::default())
+///     .on_close(|event: &ws_supervisor::CloseEvent| {
+///         println!("{} closed: {} ({})", event.id, event.reason, event.initiator);
+///     })
+///     .build();
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let addr = listener.local_addr()?;
+/// # tokio::spawn(tokio_tungstenite::connect_async(format!("ws://{addr}/")));
+/// let (tcp, peer) = listener.accept().await?;
+/// let mut conn = supervisor.accept(tcp).peer_addr(peer).await?;
+/// # drop(conn.close(ws_supervisor::CloseCode::Normal, "bye").await);
+/// while let Some(message) = conn.recv().await {
+///     conn.send(message).await?; // echo
+/// }
+/// let summary = supervisor.shutdown(Duration::from_secs(5)).await;
+/// # assert_eq!(summary.total(), 1);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Comparison to TCP keepalive and tungstenite's automatic pong
+///
+/// TCP keepalive probes the kernel, not the application: a peer whose
+/// process is stopped, or whose event loop is wedged, still ACKs them, and
+/// the defaults wait two hours. tungstenite answers pings automatically but
+/// only while someone polls the stream, never sends pings itself, and
+/// reports a peer that vanished as `ResetWithoutClosingHandshake` — or not at
+/// all, if no one reads. The supervisor sends its own pings from its own
+/// task, matches each pong to its ping, and turns every way a connection can
+/// end into one [`CloseReason`].
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+/// State shared by the handle and every driver task.
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) hooks: Hooks,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) cancel: CancellationToken,
+    /// Set by `shutdown` before it cancels: when forced closes happen.
+    pub(crate) shutdown_deadline: OnceLock<Instant>,
+    /// Guards "not shutting down" + spawn against `shutdown` (see `register`).
+    closing: Mutex<bool>,
+    next_id: AtomicU64,
+    /// Connections whose driver runs (changed only where the hooks run).
+    pub(crate) live: AtomicUsize,
+    /// Slots held for `max_connections`, including handshakes under way.
+    slots: AtomicUsize,
+    accepted: AtomicU64,
+    pub(crate) closed: [AtomicU64; CloseReason::ALL.len()],
+    pub(crate) forced: AtomicU64,
+    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    pub(crate) hook_panics: AtomicU64,
+    /// Random per supervisor: mixes ids into ping phases and nonce keys.
+    seed: RandomState,
+}
+
+impl Inner {
+    fn fail_handshake(&self, cause: HandshakeFailure, source: Option<WsError>) -> Error {
+        self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
+        Error::handshake(cause, source.map(Into::into))
+    }
+
+    /// A pseudo-random `u64` for connection `id` and `purpose`.
+    pub(crate) fn random(&self, id: ConnectionId, purpose: u8) -> u64 {
+        self.seed.hash_one((id.0, purpose))
+    }
+}
+
+/// A slot counted against `max_connections`, released on drop.
+pub(crate) struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.slots.fetch_sub(1, Relaxed);
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+/// Builds a [`Supervisor`] with its close hooks.
+#[must_use]
+pub struct SupervisorBuilder {
+    config: Config,
+    hooks: Hooks,
+}
+
+impl SupervisorBuilder {
+    /// Adds a close hook; hooks run in the order they were added.
+    pub fn on_close(mut self, hook: impl CloseHook) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Builds the supervisor.
+    pub fn build(self) -> Supervisor {
+        Supervisor {
+            inner: Arc::new(Inner {
+                config: self.config,
+                hooks: self.hooks,
+                tracker: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                shutdown_deadline: OnceLock::new(),
+                closing: Mutex::new(false),
+                next_id: AtomicU64::new(1),
+                live: AtomicUsize::new(0),
+                slots: AtomicUsize::new(0),
+                accepted: AtomicU64::new(0),
+                closed: Default::default(),
+                forced: AtomicU64::new(0),
+                handshake_failures: Default::default(),
+                hook_panics: AtomicU64::new(0),
+                seed: RandomState::new(),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for SupervisorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SupervisorBuilder")
+            .field("config", &self.config)
+            .field("hooks", &self.hooks)
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor with `config` and no close hook.
+    pub fn new(config: Config) -> Self {
+        Self::builder(config).build()
+    }
+
+    /// Starts a builder, to register close hooks.
+    pub fn builder(config: Config) -> SupervisorBuilder {
+        SupervisorBuilder {
+            config,
+            hooks: Hooks::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Performs the server side of the opening handshake on `stream` (TCP,
+    /// TLS, Unix, an in-memory duplex…) within the handshake timeout, then
+    /// supervises the connection.
+    ///
+    /// Returns an [`Accept`] to refine before awaiting it:
+    /// [`peer_addr`](Accept::peer_addr) records the address and
+    /// [`on_request`](Accept::on_request) lets the application inspect the
+    /// request (path, headers) and refuse it.
+    ///
+    /// # Errors
+    /// See [`Accept`].
+    pub fn accept<S>(&self, stream: S) -> Accept<'_, S, NoCallback>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Accept {
+            supervisor: self,
+            stream,
+            peer_addr: None,
+            callback: NoCallback,
+        }
+    }
+
+    /// Supervises an already upgraded WebSocket (from hyper, axum, or a
+    /// handshake of your own). `peer_addr` is reported in events if known.
+    ///
+    /// # Errors
+    /// [`HandshakeFailure::AtCapacity`] or
+    /// [`HandshakeFailure::ShuttingDown`]: the socket is sent a Close (1013
+    /// or 1001) within the close timeout and dropped; no hook runs.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe when refusing: dropping the future drops the socket
+    /// before the Close is flushed. When admitted it completes immediately.
+    pub async fn supervise<S>(
+        &self,
+        mut ws: WebSocketStream<S>,
+        peer_addr: Option<SocketAddr>,
+    ) -> Result<Connection, Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.reserve() {
+            Ok(slot) => self.register(ws, peer_addr, slot),
+            Err(cause) => {
+                let code = match cause {
+                    HandshakeFailure::AtCapacity => CloseCode::Again,
+                    _ => CloseCode::Away,
+                };
+                let frame = CloseFrame {
+                    code,
+                    reason: cause.as_str().into(),
+                };
+                let _ = tokio::time::timeout(self.inner.config.close_timeout(), ws.close(Some(frame)))
+                    .await;
+                Err(self.inner.fail_handshake(cause, None))
+            }
+        }
+    }
+
+    /// Opens a supervised client connection to a `ws://` URL (or a full
+    /// request, for custom headers) within the handshake timeout. The
+    /// heartbeat is the same as on the server side.
+    ///
+    /// # Errors
+    /// A handshake error: [`HandshakeFailure::Timeout`], `Io` (could not
+    /// connect), `Protocol` (bad URL, the server refused the upgrade),
+    /// `AtCapacity` or `ShuttingDown`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future before it completes drops the socket
+    /// and leaves nothing behind.
+    pub async fn connect<R>(&self, request: R) -> Result<Connection, Error>
+    where
+        R: IntoClientRequest + Unpin,
+    {
+        let slot = self
+            .reserve()
+            .map_err(|cause| self.inner.fail_handshake(cause, None))?;
+        let config = self.inner.config.websocket_config();
+        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let ws = match tokio::time::timeout(self.inner.config.handshake_timeout(), handshake).await
+        {
+            Err(_) => return Err(self.inner.fail_handshake(HandshakeFailure::Timeout, None)),
+            Ok(Err(e)) => {
+                let cause = match e {
+                    WsError::Io(_) => HandshakeFailure::Io,
+                    _ => HandshakeFailure::Protocol,
+                };
+                return Err(self.inner.fail_handshake(cause, Some(e)));
+            }
+            Ok(Ok((ws, _response))) => ws,
+        };
+        let peer_addr = match ws.get_ref() {
+            MaybeTlsStream::Plain(tcp) => tcp.peer_addr().ok(),
+            _ => None,
+        };
+        self.register(ws, peer_addr, slot)
+    }
+
+    /// Takes a slot for one connection, if allowed.
+    fn reserve(&self) -> Result<Slot, HandshakeFailure> {
+        if self.is_shutting_down() {
+            return Err(HandshakeFailure::ShuttingDown);
+        }
+        let max = self
+            .inner
+            .config
+            .max_connections()
+            .map_or(usize::MAX, |m| m.get());
+        self.inner
+            .slots
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .map_err(|_| HandshakeFailure::AtCapacity)?;
+        Ok(Slot(self.inner.clone()))
+    }
+
+    /// Starts the driver task of an upgraded connection.
+    fn register<S>(
+        &self,
+        ws: WebSocketStream<S>,
+        peer_addr: Option<SocketAddr>,
+        slot: Slot,
+    ) -> Result<Connection, Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let config = &inner.config;
+        let id = ConnectionId(inner.next_id.fetch_add(1, Relaxed));
+        let shared = Arc::new(Shared::new(Instant::now()));
+        let (in_tx, in_rx) = mpsc::channel(config.inbound_queue().get());
+        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue().get());
+        let sender = Sender::new(out_tx, id, config.write_buffer_limit());
+        let driver = Driver::new(ws, inner.clone(), shared.clone(), id, peer_addr, in_tx, out_rx, slot);
+        {
+            // Holding the lock across the check and the spawn means that a
+            // concurrent `shutdown` either sees this task in the tracker or
+            // made us refuse it: no connection escapes the drain.
+            let closing = inner.closing.lock().unwrap_or_else(|e| e.into_inner());
+            if *closing {
+                drop(closing);
+                // The driver was never started: disarm it without a hook.
+                driver.abandon();
+                return Err(inner.fail_handshake(HandshakeFailure::ShuttingDown, None));
+            }
+            inner.live.fetch_add(1, Relaxed);
+            inner.accepted.fetch_add(1, Relaxed);
+            inner.tracker.spawn(driver.run());
+        }
+        Ok(Connection::new(in_rx, sender, shared, peer_addr))
+    }
+
+    /// Number of live supervised connections (hooks not yet run).
+    pub fn len(&self) -> usize {
+        self.inner.live.load(Relaxed)
+    }
+
+    /// Whether no supervised connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+            || *self.inner.closing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections that completed their handshake, since the start.
+    pub fn accepted_total(&self) -> u64 {
+        self.inner.accepted.load(Relaxed)
+    }
+
+    /// Connections closed with `reason`, since the start (hooks included).
+    pub fn closed_total(&self, reason: CloseReason) -> u64 {
+        self.inner.closed[reason.index()].load(Relaxed)
+    }
+
+    /// Handshakes that failed with `cause`, since the start.
+    pub fn handshake_failures(&self, cause: HandshakeFailure) -> u64 {
+        self.inner.handshake_failures[cause.index()].load(Relaxed)
+    }
+
+    /// Close-hook calls that panicked, since the start.
+    pub fn hook_panics(&self) -> u64 {
+        self.inner.hook_panics.load(Relaxed)
+    }
+
+    /// Shuts down gracefully: refuses new connections, sends Close 1001 to
+    /// every connection at once, waits up to `grace` for their closing
+    /// handshakes, drops the transports of the rest, waits for every close
+    /// hook, and returns what closed meanwhile.
+    ///
+    /// Every connection ends with [`CloseReason::GoingAway`] (local) unless
+    /// it had already started ending for another reason. Calling it again
+    /// waits for the same drain.
+    ///
+    /// # Cancel safety
+    /// Cancel safe in that the shutdown goes on in the driver tasks; the
+    /// summary of a dropped call is lost.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownSummary {
+        let started = Instant::now();
+        let before = self.counts();
+        let forced_before = self.inner.forced.load(Relaxed);
+        let panics_before = self.hook_panics();
+        {
+            let mut closing = self.inner.closing.lock().unwrap_or_else(|e| e.into_inner());
+            *closing = true;
+        }
+        let _ = self.inner.shutdown_deadline.set(started + grace);
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        let after = self.counts();
+        let mut by_reason = [0; CloseReason::ALL.len()];
+        for (i, n) in by_reason.iter_mut().enumerate() {
+            *n = after[i] - before[i];
+        }
+        ShutdownSummary {
+            by_reason,
+            forced: self.inner.forced.load(Relaxed) - forced_before,
+            hook_panics: self.hook_panics() - panics_before,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    fn counts(&self) -> [u64; CloseReason::ALL.len()] {
+        CloseReason::ALL.map(|r| self.closed_total(r))
+    }
+}
+
+impl fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("live", &self.len())
+            .field("accepted", &self.accepted_total())
+            .field("shutting_down", &self.is_shutting_down())
+            .field("hooks", &self.inner.hooks)
+            .finish()
+    }
+}
+
+// ===== impl Accept =====
+
+/// A server handshake to refine, then await: see [`Supervisor::accept`].
+///
+/// Awaiting it yields the supervised [`Connection`].
+///
+/// # Errors
+/// A handshake error ([`Error::handshake_failure`]), with no hook call:
+/// `Timeout` (not finished within the handshake timeout), `Refused` (the
+/// request callback refused; its response was sent), `AtCapacity` (HTTP 503
+/// sent), `ShuttingDown` (HTTP 503 sent), `Protocol` (not a valid upgrade
+/// request) or `Io`.
+///
+/// # Cancel safety
+/// Cancel safe: dropping it before completion drops the stream; no hook runs.
+#[must_use = "futures do nothing unless awaited"]
+pub struct Accept<'a, S, C> {
+    supervisor: &'a Supervisor,
+    stream: S,
+    peer_addr: Option<SocketAddr>,
+    callback: C,
+}
+
+impl<'a, S, C> Accept<'a, S, C> {
+    /// Records the peer's address (reported in stats and events).
+    pub fn peer_addr(mut self, addr: SocketAddr) -> Self {
+        self.peer_addr = Some(addr);
+        self
+    }
+
+    /// Lets `callback` inspect the upgrade request and accept it (returning
+    /// the response, possibly with headers added) or refuse it (returning an
+    /// error response, e.g. 401), which fails the handshake with
+    /// [`HandshakeFailure::Refused`].
+    ///
+    /// Any `FnOnce(&Request, Response) -> Result<Response, ErrorResponse>`
+    /// is a callback.
+    pub fn on_request<C2>(self, callback: C2) -> Accept<'a, S, C2>
+    where
+        C2: Callback + Unpin + Send,
+    {
+        Accept {
+            supervisor: self.supervisor,
+            stream: self.stream,
+            peer_addr: self.peer_addr,
+            callback,
+        }
+    }
+}
+
+/// The application's callback, or a refusal decided before the handshake.
+struct Gate<C> {
+    callback: C,
+    refuse: Option<HandshakeFailure>,
+}
+
+impl<C: Callback> Callback for Gate<C> {
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        match self.refuse {
+            None => self.callback.on_request(request, response),
+            Some(cause) => {
+                let mut refusal = ErrorResponse::new(Some(cause.to_string()));
+                *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Err(refusal)
+            }
+        }
+    }
+}
+
+impl<'a, S, C> IntoFuture for Accept<'a, S, C>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: Callback + Unpin + Send + 'a,
+{
+    type Output = Result<Connection, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let supervisor = self.supervisor;
+            let inner = &supervisor.inner;
+            let (slot, refuse) = match supervisor.reserve() {
+                Ok(slot) => (Some(slot), None),
+                Err(cause) => (None, Some(cause)),
+            };
+            let gate = Gate {
+                callback: self.callback,
+                refuse,
+            };
+            let config = inner.config.websocket_config();
+            let handshake =
+                tokio_tungstenite::accept_hdr_async_with_config(self.stream, gate, Some(config));
+            let ws = match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
+                Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
+                Ok(Err(e)) => {
+                    let cause = match (&e, refuse) {
+                        (WsError::Http(_), Some(cause)) => cause,
+                        (WsError::Http(_), None) => HandshakeFailure::Refused,
+                        (WsError::Io(_), _) => HandshakeFailure::Io,
+                        _ => HandshakeFailure::Protocol,
+                    };
+                    return Err(inner.fail_handshake(cause, Some(e)));
+                }
+                Ok(Ok(ws)) => ws,
+            };
+            match slot {
+                Some(slot) => supervisor.register(ws, self.peer_addr, slot),
+                // Unreachable in practice: the gate refused the handshake.
+                None => Err(inner.fail_handshake(refuse.unwrap_or(HandshakeFailure::AtCapacity), None)),
+            }
+        })
+    }
+}
+
+impl<S, C> fmt::Debug for Accept<'_, S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Accept")
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts a TCP stream, recording its peer address: shorthand for
+/// `supervisor.accept(tcp).peer_addr(tcp.peer_addr()?)`.
+impl Supervisor {
+    /// Shorthand for [`accept`](Self::accept) on a TCP stream that records
+    /// its peer address.
+    ///
+    /// # Errors
+    /// As [`Accept`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Accept`].
+    pub async fn accept_tcp(&self, tcp: TcpStream) -> Result<Connection, Error> {
+        match tcp.peer_addr() {
+            Ok(addr) => self.accept(tcp).peer_addr(addr).await,
+            Err(_) => self.accept(tcp).await,
+        }
+    }
+}
+
+// ===== impl ShutdownSummary =====
+
+/// What [`Supervisor::shutdown`] observed: connections closed during the
+/// drain, by reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownSummary {
+    by_reason: [u64; CloseReason::ALL.len()],
+    forced: u64,
+    hook_panics: u64,
+    elapsed: Duration,
+}
+
+impl ShutdownSummary {
+    /// Connections closed with `reason` during the drain.
+    pub fn count(&self, reason: CloseReason) -> u64 {
+        self.by_reason[reason.index()]
+    }
+
+    /// All connections closed during the drain.
+    pub fn total(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+
+    /// Connections whose transport was dropped at the end of the grace
+    /// period because the peer had not finished the closing handshake.
+    pub fn forced(&self) -> u64 {
+        self.forced
+    }
+
+    /// Hook calls that panicked during the drain.
+    pub fn hook_panics(&self) -> u64 {
+        self.hook_panics
+    }
+
+    /// How long the drain took.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
+
+impl fmt::Display for ShutdownSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} closed in {:?}", self.total(), self.elapsed)?;
+        for reason in CloseReason::ALL {
+            let n = self.count(reason);
+            if n > 0 {
+                write!(f, ", {} {}", n, reason.as_str())?;
+            }
+        }
+        write!(f, " ({} forced)", self.forced)
+    }
+}
