@@ -1,0 +1,267 @@
+//! Heartbeat timing, under virtual time over in-memory pipes.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::time::{Instant, sleep, timeout_at};
+use ws_supervisor::{CloseCode, CloseReason, Initiator, Liveness};
+
+/// A peer that answers each ping after `delay`, counting the pings.
+async fn delayed_ponger(mut peer: RawPeer<tokio::io::DuplexStream>, delay: Duration) -> usize {
+    let mut pings = 0;
+    while let Some(frame) = peer.read_frame().await {
+        if frame.opcode == OP_PING {
+            pings += 1;
+            sleep(delay).await;
+            peer.send(OP_PONG, &frame.payload).await;
+        }
+    }
+    pings
+}
+
+#[tokio::test(start_paused = true)]
+async fn cadence_100_intervals_with_rtt() {
+    let (sup, events) = supervisor(heartbeat(SEC, SEC).build().unwrap());
+    let (conn, peer) = accept_raw(&sup).await;
+    let opened = Instant::now();
+    let peer = tokio::spawn(delayed_ponger(peer, 120 * MS));
+
+    sleep(100 * SEC + 500 * MS).await;
+    let stats = conn.stats();
+    assert!(conn.close_event().is_none(), "a live peer must never time out");
+    assert!((99..=101).contains(&stats.pings_sent), "{stats:?}");
+    assert_eq!(stats.pongs_received, stats.pings_sent);
+    assert_eq!(stats.pongs_unmatched, 0);
+    let rtt = stats.last_rtt.expect("rtt measured");
+    assert!(rtt >= 120 * MS && rtt < 125 * MS, "rtt {rtt:?}");
+    let srtt = stats.smoothed_rtt.expect("smoothed rtt");
+    assert!(srtt >= 120 * MS && srtt < 125 * MS, "srtt {srtt:?}");
+    assert!(stats.since_last_inbound < SEC);
+
+    drop(conn);
+    let pings = peer.await.unwrap();
+    assert!((99..=101).contains(&pings), "peer saw {pings} pings");
+    let event = events.only();
+    assert_eq!((event.reason, event.initiator), (CloseReason::Normal, Initiator::Local));
+    assert!(event.duration >= Instant::now() - opened - SEC);
+}
+
+/// Opens a connection to a peer that reads everything and never answers,
+/// and returns how long after the open it died, checking the reason.
+async fn silent_peer_dies_after(interval: Duration, timeout: Duration) -> Duration {
+    let (sup, events) = supervisor(heartbeat(interval, timeout).build().unwrap());
+    let (conn, peer) = accept_raw(&sup).await;
+    let opened = Instant::now();
+    let drained = tokio::spawn(peer.drain());
+    let bound = interval + timeout;
+
+    // Never at the bare interval, nor a moment before the documented bound.
+    let early = timeout_at(opened + bound - MS, conn.closed()).await;
+    assert!(early.is_err(), "closed before interval + timeout");
+    let event = conn.closed().await;
+    let died = Instant::now() - opened;
+    assert_eq!((event.reason, event.initiator), (CloseReason::Timeout, Initiator::Local));
+    assert_eq!(event.code_sent, Some(CloseCode::Error));
+    assert_eq!(event.stats.pongs_received, 0);
+    assert!(event.stats.since_last_inbound >= bound);
+    let frames = drained.await.unwrap();
+    assert_eq!(frames.last().and_then(Frame::close_code), Some(1011), "a Close 1011 went out");
+    assert_eq!(events.len(), 1);
+    died
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_peer_times_out_within_bound_short_timeout() {
+    let died = silent_peer_dies_after(SEC, 300 * MS).await;
+    assert!(died <= SEC + 300 * MS + 10 * MS, "died after {died:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_peer_times_out_within_bound_equal_timeout() {
+    let died = silent_peer_dies_after(SEC, SEC).await;
+    assert!(died <= 2 * SEC + 10 * MS, "died after {died:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_peer_times_out_within_bound_long_timeout() {
+    // The timeout spans three pings: the deadline stays on the first one.
+    let died = silent_peer_dies_after(SEC, 3 * SEC).await;
+    assert!(died <= 4 * SEC + 10 * MS, "died after {died:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn detection_bound_counts_from_the_last_inbound_frame() {
+    let (sup, _events) = supervisor(heartbeat(SEC, SEC).build().unwrap());
+    let (conn, mut peer) = accept_raw(&sup).await;
+    // Answer pings for a while, then fall silent right after a pong.
+    let mut last = Instant::now();
+    for _ in 0..5 {
+        let ping = peer.read_until(OP_PING).await.unwrap();
+        peer.send(OP_PONG, &ping.payload).await;
+        last = Instant::now();
+    }
+    let drained = tokio::spawn(peer.drain());
+    let event = conn.closed().await;
+    let after_last = Instant::now() - last;
+    assert_eq!(event.reason, CloseReason::Timeout);
+    assert!(after_last > SEC && after_last <= 2 * SEC + 10 * MS, "{after_last:?}");
+    drained.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn pings_flow_and_peer_pings_are_answered_while_the_app_is_idle() {
+    let (sup, _events) = supervisor(heartbeat(SEC, SEC).build().unwrap());
+    // The application holds the connection but never reads nor writes.
+    let (conn, mut peer) = accept_raw(&sup).await;
+    peer.send(OP_PING, b"are you there").await;
+    let pong = peer.read_until(OP_PONG).await.unwrap();
+    assert_eq!(pong.payload, b"are you there");
+    for _ in 0..3 {
+        let ping = peer.read_until(OP_PING).await.unwrap();
+        peer.send(OP_PONG, &ping.payload).await;
+    }
+    sleep(100 * MS).await;
+    assert_eq!(conn.stats().pings_sent, 3);
+    assert_eq!(conn.stats().pongs_received, 3);
+    assert!(conn.close_event().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn auto_pong_goes_out_at_once() {
+    let (sup, _events) = supervisor(heartbeat(10 * SEC, SEC).build().unwrap());
+    let (_conn, mut peer) = accept_raw(&sup).await;
+    let sent = Instant::now();
+    peer.send(OP_PING, b"now").await;
+    let pong = peer.read_until(OP_PONG).await.unwrap();
+    assert_eq!(pong.payload, b"now");
+    // Under paused time, any timer-driven delay would show up here.
+    assert_eq!(Instant::now(), sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unsolicited_pongs_are_liveness_never_rtt() {
+    let config = heartbeat(SEC, SEC).liveness(Liveness::Pong).build().unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, peer) = accept_raw(&sup).await;
+    let (mut reader, mut writer) = (peer.reader, peer.writer);
+    let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+    // Never answers a ping, but sends a pong of its own twice a second.
+    for _ in 0..40 {
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(&encode(true, OP_PONG, b"heartbeat", true)).await.unwrap();
+        sleep(500 * MS).await;
+    }
+    let stats = conn.stats();
+    assert!(conn.close_event().is_none(), "unsolicited pongs keep it alive");
+    assert_eq!(stats.last_rtt, None);
+    assert_eq!(stats.pongs_unmatched, 40);
+    assert!(stats.pings_sent >= 19);
+    drop(conn);
+    drop(writer);
+    discard.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn liveness_policy_any_frame_versus_pong_only() {
+    for (liveness, survives) in [(Liveness::AnyFrame, true), (Liveness::Pong, false)] {
+        let config = heartbeat(SEC, SEC).liveness(liveness).build().unwrap();
+        let (sup, events) = supervisor(config);
+        let (mut conn, peer) = accept_raw(&sup).await;
+        let (mut reader, mut writer) = (peer.reader, peer.writer);
+        let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+        // Data every 300 ms, never a pong.
+        let talker = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for _ in 0..20 {
+                if writer.write_all(&encode(true, OP_TEXT, b"tick", true)).await.is_err() {
+                    break;
+                }
+                sleep(300 * MS).await;
+            }
+        });
+        let reader_task = tokio::spawn(async move {
+            while conn.recv().await.is_some() {}
+            conn.closed().await
+        });
+        talker.await.unwrap();
+        // 6 s of talk have passed: a pong-only supervisor killed it at 2 s.
+        if survives {
+            assert_eq!(events.len(), 0, "{liveness:?}: killed a talking peer");
+        } else {
+            let event = events.only();
+            assert_eq!(event.reason, CloseReason::Timeout, "{liveness:?}");
+            assert!(event.duration <= 2 * SEC + 10 * MS);
+        }
+        // Now silent: under either policy the peer times out.
+        let event = reader_task.await.unwrap();
+        assert_eq!(event.reason, CloseReason::Timeout);
+        assert_eq!(events.len(), 1);
+        let _ = discard.await;
+    }
+}
+
+/// Pins the blame rule: our full inbound queue must not become the peer's timeout.
+#[tokio::test(start_paused = true)]
+async fn full_inbound_queue_suspends_the_pong_deadline() {
+    let config = heartbeat(SEC, SEC)
+        .liveness(Liveness::Pong)
+        .inbound_queue(std::num::NonZeroUsize::new(4).unwrap())
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (mut conn, peer) = accept_raw(&sup).await;
+    let (mut reader, mut writer) = (peer.reader, peer.writer);
+    let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+    {
+        use tokio::io::AsyncWriteExt;
+        // More messages than the queue holds; then the peer says nothing more.
+        for i in 0..10u8 {
+            writer.write_all(&encode(true, OP_BINARY, &[i], true)).await.unwrap();
+        }
+    }
+    // The application does not read for 30 s: pings go unanswered (the peer
+    // never pongs), yet nothing is blamed on the peer while we are not reading.
+    sleep(30 * SEC).await;
+    assert!(conn.close_event().is_none(), "closed while our own queue was full");
+    assert!(conn.stats().pings_sent >= 29);
+
+    // Once the application reads again, the peer gets one full timeout.
+    let resumed = Instant::now();
+    for i in 0..10u8 {
+        let message = conn.recv().await.unwrap();
+        assert_eq!(message.into_data().as_ref(), &[i]);
+    }
+    let event = conn.closed().await;
+    assert_eq!(event.reason, CloseReason::Timeout);
+    let waited = Instant::now() - resumed;
+    assert!(waited >= SEC && waited <= 2 * SEC + 10 * MS, "{waited:?}");
+    assert_eq!(events.len(), 1);
+    drop(writer);
+    let _ = discard.await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_spreads_first_pings_within_bound() {
+    let config = heartbeat(SEC, SEC).ping_jitter(500 * MS).build().unwrap();
+    let (sup, _events) = supervisor(config);
+    let mut firsts = Vec::new();
+    for _ in 0..20 {
+        let (conn, mut peer) = accept_raw(&sup).await;
+        let opened = Instant::now();
+        let ping = peer.read_until(OP_PING).await.unwrap();
+        let first = Instant::now() - opened;
+        peer.send(OP_PONG, &ping.payload).await;
+        assert!(first >= SEC && first < SEC + 500 * MS, "first ping after {first:?}");
+        firsts.push(first);
+        // The schedule keeps its phase: the second ping one interval later.
+        let ping = peer.read_until(OP_PING).await.unwrap();
+        assert_eq!(Instant::now() - opened, first + SEC);
+        peer.send(OP_PONG, &ping.payload).await;
+        drop(conn);
+    }
+    firsts.sort();
+    firsts.dedup();
+    assert!(firsts.len() > 10, "phases are not spread: {firsts:?}");
+}

@@ -1,0 +1,238 @@
+//! Shared test support: in-memory peers (a real tungstenite client and a
+//! raw-frame peer for hostile or silent behaviour), and a hook recorder.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio_tungstenite::WebSocketStream;
+use ws_supervisor::{CloseEvent, Config, ConfigBuilder, Connection, Supervisor};
+
+pub const MS: Duration = Duration::from_millis(1);
+pub const SEC: Duration = Duration::from_secs(1);
+
+/// Bytes of the in-memory pipe between supervisor and peer.
+pub const PIPE: usize = 64 * 1024;
+
+/// A builder with the given heartbeat and no jitter (exact schedules).
+pub fn heartbeat(interval: Duration, timeout: Duration) -> ConfigBuilder {
+    Config::builder()
+        .ping_interval(interval)
+        .pong_timeout(timeout)
+        .ping_jitter(Duration::ZERO)
+}
+
+/// Every close event a supervisor reported, in order.
+#[derive(Clone, Default)]
+pub struct Events(Arc<Mutex<Vec<CloseEvent>>>);
+
+impl Events {
+    pub fn all(&self) -> Vec<CloseEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// The single event recorded; fails if there are zero or several.
+    pub fn only(&self) -> CloseEvent {
+        let all = self.all();
+        assert_eq!(all.len(), 1, "expected exactly one close event: {all:#?}");
+        all.into_iter().next().unwrap()
+    }
+}
+
+/// A supervisor whose only hook records into the returned [`Events`].
+pub fn supervisor(config: Config) -> (Supervisor, Events) {
+    let events = Events::default();
+    let sink = events.clone();
+    let sup = Supervisor::builder(config)
+        .on_close(move |e: &CloseEvent| sink.0.lock().unwrap().push(e.clone()))
+        .build();
+    (sup, events)
+}
+
+/// A supervised server connection whose peer is a real tungstenite client.
+pub async fn accept_ws(sup: &Supervisor) -> (Connection, WebSocketStream<DuplexStream>) {
+    let (server, client) = tokio::io::duplex(PIPE);
+    let (conn, peer) = tokio::join!(
+        sup.accept(server).into_future(),
+        tokio_tungstenite::client_async("ws://localhost/", client)
+    );
+    (conn.expect("accept"), peer.expect("client handshake").0)
+}
+
+/// A supervised server connection whose peer is a [`RawPeer`].
+pub async fn accept_raw(sup: &Supervisor) -> (Connection, RawPeer<DuplexStream>) {
+    accept_raw_with(sup, PIPE).await
+}
+
+/// As [`accept_raw`], over a pipe of `capacity` bytes.
+pub async fn accept_raw_with(sup: &Supervisor, capacity: usize) -> (Connection, RawPeer<DuplexStream>) {
+    let (server, client) = tokio::io::duplex(capacity);
+    let (conn, peer) = tokio::join!(sup.accept(server).into_future(), RawPeer::handshake(client));
+    (conn.expect("accept"), peer)
+}
+
+// ===== RawPeer =====
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// One frame as read off the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The close code of a Close frame, if it has one.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == OP_CLOSE && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// A WebSocket client written by hand, frame by frame, so a test can make it
+/// misbehave: stay silent, delay pongs, send invalid data, vanish.
+pub struct RawPeer<T> {
+    pub reader: ReadHalf<T>,
+    pub writer: WriteHalf<T>,
+}
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
+    /// Performs the client handshake and checks the 101 answer.
+    pub async fn handshake(io: T) -> Self {
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        writer.write_all(request.as_bytes()).await.unwrap();
+        let head = read_http_head(&mut reader).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
+        Self { reader, writer }
+    }
+
+    /// Reads the next frame; `None` at EOF or on a broken pipe.
+    pub async fn read_frame(&mut self) -> Option<Frame> {
+        let mut head = [0u8; 2];
+        self.reader.read_exact(&mut head).await.ok()?;
+        let fin = head[0] & 0x80 != 0;
+        let opcode = head[0] & 0x0f;
+        assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
+        let len = match head[1] & 0x7f {
+            126 => self.reader.read_u16().await.ok()? as usize,
+            127 => self.reader.read_u64().await.ok()? as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0; len];
+        self.reader.read_exact(&mut payload).await.ok()?;
+        Some(Frame { fin, opcode, payload })
+    }
+
+    /// Reads frames until one with `opcode`, skipping others.
+    pub async fn read_until(&mut self, opcode: u8) -> Option<Frame> {
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.opcode == opcode {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Sends one masked frame.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) {
+        self.send_frame(true, opcode, payload, true).await
+    }
+
+    /// Sends one frame with every header bit chosen by the caller.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        let bytes = encode(fin, opcode, payload, masked);
+        // A peer that already hung up is fine for these tests.
+        let _ = self.writer.write_all(&bytes).await;
+    }
+
+    /// Sends a Close frame with `code` and `text`.
+    pub async fn close(&mut self, code: u16, text: &str) {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(text.as_bytes());
+        self.send(OP_CLOSE, &payload).await;
+    }
+
+    /// Reads and discards everything until EOF (a peer that reads but never
+    /// answers). Returns the frames it saw.
+    pub async fn drain(mut self) -> Vec<Frame> {
+        let mut seen = Vec::new();
+        while let Some(frame) = self.read_frame().await {
+            seen.push(frame);
+        }
+        seen
+    }
+}
+
+/// Encodes one client frame (masked with a fixed key when `masked`).
+pub fn encode(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+async fn read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = reader.read_u8().await.expect("handshake response");
+        head.push(byte);
+        assert!(head.len() < 8192, "handshake response too long");
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so randomized tests replay.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
