@@ -261,11 +261,12 @@ async fn abnormal__transport_dropped_mid_message() {
 
 #[tokio::test(start_paused = true)]
 async fn internal__application_panicked_holding_the_connection() {
+    quiet_expected_panics();
     let (sup, events) = supervisor(Config::default());
     let (conn, mut peer) = accept_ws(&sup).await;
     let app = tokio::spawn(async move {
         let _conn = conn;
-        panic!("application bug");
+        panic!("application bug {EXPECTED_PANIC}");
     });
     assert!(app.await.unwrap_err().is_panic());
     let received = peer.next().await.unwrap().unwrap();

@@ -236,3 +236,26 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Marks a deliberate panic; [`quiet_expected_panics`] keeps it out of the output.
+pub const EXPECTED_PANIC: &str = "[expected panic]";
+
+/// Silences the default panic message for panics whose text contains
+/// [`EXPECTED_PANIC`]; every other panic is reported as usual.
+pub fn quiet_expected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if !text.contains(EXPECTED_PANIC) {
+                default(info);
+            }
+        }));
+    });
+}
