@@ -1,0 +1,181 @@
+//! Real sockets on 127.0.0.1:0, real time, short. Timeouts here are safety
+//! bounds against hangs, never assertions about speed.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use ws_supervisor::{CloseCode, CloseReason, Config, HandshakeFailure, Initiator, Supervisor};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+/// A supervised echo server on 127.0.0.1:0; returns its address.
+async fn echo_server(sup: Supervisor) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let sup = sup.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = sup.accept_tcp(tcp).await else { return };
+                while let Some(message) = conn.recv().await {
+                    if conn.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn echo_ping_and_normal_close_over_tcp() {
+    let (sup, events) = supervisor(Config::default());
+    let addr = echo_server(sup.clone()).await;
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await.unwrap();
+    let local = client.get_ref().get_ref().local_addr().unwrap();
+
+    client.send(Message::text("hello")).await.unwrap();
+    assert_eq!(timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(), Message::text("hello"));
+    client.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(
+        timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(),
+        Message::binary(vec![1, 2, 3])
+    );
+    client.send(Message::Ping("p".into())).await.unwrap();
+    assert_eq!(timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(), Message::Pong("p".into()));
+
+    client.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(BOUND, client.next()).await {}
+    timeout(BOUND, async {
+        while events.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let event = events.only();
+    assert_eq!((event.reason, event.initiator), (CloseReason::Normal, Initiator::Remote));
+    assert_eq!(event.peer_addr, Some(local));
+    assert!(sup.is_empty());
+}
+
+#[tokio::test]
+async fn supervised_client_and_server_measure_rtt_both_ways() {
+    let fast = || {
+        heartbeat(Duration::from_millis(50), Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let (server, server_events) = supervisor(fast());
+    let addr = echo_server(server.clone()).await;
+    let (client, _client_events) = supervisor(fast());
+    let mut conn = client.connect(format!("ws://{addr}/")).await.unwrap();
+    assert_eq!(conn.peer_addr(), Some(addr));
+    conn.send("round trip").await.unwrap();
+    assert_eq!(timeout(BOUND, conn.recv()).await.unwrap().unwrap(), Message::text("round trip"));
+    // Wait (bounded) until a few heartbeats went each way.
+    timeout(BOUND, async {
+        while conn.stats().pongs_received < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(conn.stats().last_rtt.is_some());
+    let summary = client.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(summary.count(CloseReason::GoingAway), 1);
+    assert_eq!(summary.forced(), 0);
+    timeout(BOUND, async {
+        while server_events.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let event = server_events.only();
+    assert_eq!((event.reason, event.initiator), (CloseReason::GoingAway, Initiator::Remote));
+    assert!(event.stats.pongs_received >= 1, "the server's pings were answered: {event:?}");
+    assert!(event.stats.last_rtt.is_some());
+}
+
+#[tokio::test]
+async fn supervised_client_detects_a_silent_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        // Upgraded, then it reads bytes but never answers a ping.
+        let mut tcp = ws.into_inner();
+        tokio::io::copy(&mut tcp, &mut tokio::io::sink()).await.ok();
+    });
+    let config = heartbeat(Duration::from_millis(200), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (client, events) = supervisor(config);
+    let conn = client.connect(format!("ws://{addr}/")).await.unwrap();
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!((event.reason, event.initiator), (CloseReason::Timeout, Initiator::Local));
+    assert_eq!(event.code_sent, Some(CloseCode::Error));
+    assert!(event.stats.pings_sent >= 1);
+    assert_eq!(event.stats.pongs_received, 0);
+    assert_eq!(events.len(), 1);
+    timeout(BOUND, server).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn handshake_timeout_on_a_silent_tcp_client() {
+    let config = Config::builder()
+        .handshake_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let err = timeout(BOUND, sup.accept_tcp(tcp)).await.unwrap().unwrap_err();
+    assert_eq!(err.handshake_failure(), Some(HandshakeFailure::Timeout));
+    assert_eq!(events.len(), 0);
+}
+
+#[tokio::test]
+async fn connect_to_a_closed_port_is_an_io_failure() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let (sup, events) = supervisor(Config::default());
+    let err = sup.connect(format!("ws://{addr}/")).await.unwrap_err();
+    assert_eq!(err.handshake_failure(), Some(HandshakeFailure::Io));
+    assert!(std::error::Error::source(&err).is_some());
+    assert_eq!(events.len(), 0);
+    assert_eq!(sup.handshake_failures(HandshakeFailure::Io), 1);
+}
+
+#[tokio::test]
+async fn reset_by_peer_is_abnormal() {
+    let (sup, events) = supervisor(Config::default());
+    let addr = echo_server(sup.clone()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await.unwrap();
+    let tcp = client.into_inner();
+    // SO_LINGER 0: closing sends RST instead of FIN.
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    timeout(BOUND, async {
+        while events.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let event = events.only();
+    assert_eq!((event.reason, event.initiator), (CloseReason::Abnormal, Initiator::Remote));
+}
