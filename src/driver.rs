@@ -322,6 +322,10 @@ impl Core {
                     None => (None, String::new()),
                 };
                 self.code_received = code;
+                if self.code_sent.is_none() && self.phase == Phase::Open {
+                    // tungstenite echoes a valid code and answers an invalid one with 1002.
+                    self.code_sent = code.map(|c| if c.is_allowed() { c } else { CloseCode::Protocol });
+                }
                 self.record(Cause::PeerClose(code), text, None);
                 // tungstenite queued the Close reply; flush it, then read on
                 // until the peer ends the transport (or we time out).

@@ -1,0 +1,274 @@
+//! A supervised echo server with a built-in fleet of clients that end in
+//! every close reason. One line is printed per closed connection.
+//!
+//! ```text
+//! cargo run --example demo
+//! cargo run --example demo -- --no-simulate --listen 127.0.0.1:9001
+//! ```
+//!
+//! Flags (outside tools drive the demo by these, so they are stable):
+//!
+//! * `--listen ADDR` — where to serve WebSocket (default `127.0.0.1:9001`);
+//! * `--ping-interval-ms N` — ping interval (default 1000);
+//! * `--pong-timeout-ms N` — pong timeout (default 1000);
+//! * `--no-simulate` — serve only: echo every text and binary message.
+//!
+//! The fleet, one round every few seconds: a client that closes normally
+//! (`normal`), one that says 1001 (`going_away`), one that falls silent
+//! (`timeout`), one that sends invalid UTF-8 (`protocol_error`), one that
+//! drops its socket (`abnormal`), and one whose server-side handler panics
+//! (`internal`, on the path `/demo/panic`). Ctrl-C shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use ws_supervisor::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use ws_supervisor::{CloseCode, CloseEvent, Config, Supervisor};
+
+/// The demo's command line.
+#[derive(Debug)]
+struct Args {
+    listen: SocketAddr,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    simulate: bool,
+}
+
+const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate]";
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args {
+        listen: "127.0.0.1:9001".parse().expect("valid default"),
+        ping_interval: Duration::from_millis(1000),
+        pong_timeout: Duration::from_millis(1000),
+        simulate: true,
+    };
+    while let Some(flag) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                let v = value("--listen")?;
+                parsed.listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
+            }
+            "--ping-interval-ms" => parsed.ping_interval = millis(&value("--ping-interval-ms")?)?,
+            "--pong-timeout-ms" => parsed.pong_timeout = millis(&value("--pong-timeout-ms")?)?,
+            "--no-simulate" => parsed.simulate = false,
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(parsed)
+}
+
+fn millis(v: &str) -> Result<Duration, String> {
+    v.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("{v}: {e}"))
+}
+
+fn print_event(e: &CloseEvent) {
+    let code = |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
+    let ms = |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3));
+    println!(
+        "closed id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
+        e.id.as_u64(),
+        e.peer_addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        e.reason.as_str(),
+        e.initiator.as_str(),
+        code(e.code_sent),
+        code(e.code_received),
+        e.duration.as_secs_f64(),
+        e.stats.pings_sent,
+        e.stats.pongs_received,
+        ms(e.stats.last_rtt),
+        ms(e.stats.smoothed_rtt),
+    );
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::builder()
+        .ping_interval(args.ping_interval)
+        .pong_timeout(args.pong_timeout)
+        .close_timeout(Duration::from_secs(2))
+        .build()
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("invalid settings: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The `internal` client makes a handler panic on purpose: one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
+    let supervisor = Supervisor::builder(config).on_close(print_event).build();
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().expect("bound");
+    println!(
+        "listening on ws://{addr}/ (ping every {:?}, pong timeout {:?}); Ctrl-C to stop",
+        args.ping_interval, args.pong_timeout
+    );
+
+    tokio::spawn(serve(listener, supervisor.clone()));
+    if args.simulate {
+        tokio::spawn(fleet(addr, args.ping_interval, args.ping_interval + args.pong_timeout));
+    }
+
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        eprintln!("cannot wait for Ctrl-C: {e}");
+    }
+    println!("shutting down ({} live connections)", supervisor.len());
+    let summary = supervisor.shutdown(Duration::from_secs(5)).await;
+    println!("shutdown: {summary}");
+    ExitCode::SUCCESS
+}
+
+/// Accepts connections and echoes; `/demo/panic` makes the handler panic.
+async fn serve(listener: TcpListener, supervisor: Supervisor) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            let path = Arc::new(Mutex::new(String::new()));
+            let seen = path.clone();
+            let remember_path = move |req: &Request, res: Response| -> Result<Response, ErrorResponse> {
+                *seen.lock().unwrap() = req.uri().path().to_owned();
+                Ok(res)
+            };
+            let mut conn = match supervisor.accept(tcp).peer_addr(peer).on_request(remember_path).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    eprintln!("handshake from {peer} failed: {e}");
+                    return;
+                }
+            };
+            let crash = *path.lock().unwrap() == "/demo/panic";
+            while let Some(message) = conn.recv().await {
+                if crash {
+                    panic!("demo: the handler of {} panics on purpose", conn.id());
+                }
+                if conn.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Runs one client of each ending, round after round.
+async fn fleet(addr: SocketAddr, ping_interval: Duration, timeout_bound: Duration) {
+    let url = format!("ws://{addr}/");
+    // Long enough for the well-behaved clients to answer a couple of pings.
+    let hold = ping_interval * 5 / 2;
+    for round in 1u64.. {
+        let clients = [
+            tokio::spawn(normal(url.clone(), hold)),
+            tokio::spawn(going_away(url.clone(), hold)),
+            tokio::spawn(silent(addr, timeout_bound)),
+            tokio::spawn(invalid_utf8(addr)),
+            tokio::spawn(dropped(url.clone())),
+            tokio::spawn(panics(format!("ws://{addr}/demo/panic"))),
+        ];
+        for client in clients {
+            if let Ok(Err(e)) = client.await {
+                eprintln!("fleet round {round}: a client failed: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+type ClientResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Reads (so tungstenite answers pings) for `hold`.
+async fn linger<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, hold: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(hold, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+async fn normal(url: String, hold: Duration) -> ClientResult {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::text("hello")).await?;
+    ws.next().await.ok_or("no echo")??;
+    linger(&mut ws, hold).await;
+    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(())
+}
+
+async fn going_away(url: String, hold: Duration) -> ClientResult {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    linger(&mut ws, hold).await;
+    ws.close(Some(CloseFrame { code: CloseCode::Away, reason: "page closed".into() })).await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(())
+}
+
+/// Upgrades, then reads but never answers a ping.
+async fn silent(addr: SocketAddr, bound: Duration) -> ClientResult {
+    let tcp = TcpStream::connect(addr).await?;
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await?;
+    let mut tcp = ws.into_inner();
+    let mut sink = tokio::io::sink();
+    let drain = tokio::io::copy(&mut tcp, &mut sink);
+    // The server hangs up within the bound; the extra is a safety margin.
+    let _ = tokio::time::timeout(bound * 2 + Duration::from_secs(5), drain).await;
+    Ok(())
+}
+
+/// Sends a text frame that is not UTF-8.
+async fn invalid_utf8(addr: SocketAddr) -> ClientResult {
+    let tcp = TcpStream::connect(addr).await?;
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await?;
+    let mut tcp = ws.into_inner();
+    // FIN + text, masked, 2 bytes: 0xC3 0x28 is an invalid UTF-8 sequence.
+    let mask = [1u8, 2, 3, 4];
+    let frame = [0x81, 0x82, mask[0], mask[1], mask[2], mask[3], 0xC3 ^ mask[0], 0x28 ^ mask[1]];
+    tcp.write_all(&frame).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::copy(&mut tcp, &mut tokio::io::sink())).await;
+    Ok(())
+}
+
+/// Upgrades, then drops the socket without a Close frame.
+async fn dropped(url: String) -> ClientResult {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    drop(ws);
+    Ok(())
+}
+
+/// Talks to the handler that panics.
+async fn panics(url: String) -> ClientResult {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::text("boom")).await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(())
+}
