@@ -41,7 +41,8 @@ struct Args {
     simulate: bool,
 }
 
-const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate]";
+const USAGE: &str =
+    "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
@@ -74,12 +75,19 @@ fn millis(v: &str) -> Result<Duration, String> {
 }
 
 fn print_event(e: &CloseEvent) {
-    let code = |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
-    let ms = |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3));
+    let code =
+        |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
+    let ms = |d: Option<Duration>| {
+        d.map_or_else(
+            || "-".to_owned(),
+            |d| format!("{:.1}ms", d.as_secs_f64() * 1e3),
+        )
+    };
     println!(
         "closed id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
         e.id.as_u64(),
-        e.peer_addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        e.peer_addr
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
         e.reason.as_str(),
         e.initiator.as_str(),
         code(e.code_sent),
@@ -131,7 +139,11 @@ async fn main() -> ExitCode {
 
     tokio::spawn(serve(listener, supervisor.clone()));
     if args.simulate {
-        tokio::spawn(fleet(addr, args.ping_interval, args.ping_interval + args.pong_timeout));
+        tokio::spawn(fleet(
+            addr,
+            args.ping_interval,
+            args.ping_interval + args.pong_timeout,
+        ));
     }
 
     if let Err(e) = tokio::signal::ctrl_c().await {
@@ -158,11 +170,19 @@ async fn serve(listener: TcpListener, supervisor: Supervisor) {
         tokio::spawn(async move {
             let path = Arc::new(Mutex::new(String::new()));
             let seen = path.clone();
-            let remember_path = move |req: &Request, res: Response| -> Result<Response, ErrorResponse> {
-                *seen.lock().unwrap() = req.uri().path().to_owned();
-                Ok(res)
-            };
-            let mut conn = match supervisor.accept(tcp).peer_addr(peer).on_request(remember_path).await {
+            // The signature is tungstenite's `Callback`.
+            #[allow(clippy::result_large_err)]
+            let remember_path =
+                move |req: &Request, res: Response| -> Result<Response, ErrorResponse> {
+                    *seen.lock().unwrap() = req.uri().path().to_owned();
+                    Ok(res)
+                };
+            let mut conn = match supervisor
+                .accept(tcp)
+                .peer_addr(peer)
+                .on_request(remember_path)
+                .await
+            {
                 Ok(conn) => conn,
                 Err(e) => {
                     eprintln!("handshake from {peer} failed: {e}");
@@ -220,7 +240,11 @@ async fn normal(url: String, hold: Duration) -> ClientResult {
     ws.send(Message::text("hello")).await?;
     ws.next().await.ok_or("no echo")??;
     linger(&mut ws, hold).await;
-    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await?;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await?;
     while let Some(Ok(_)) = ws.next().await {}
     Ok(())
 }
@@ -228,7 +252,11 @@ async fn normal(url: String, hold: Duration) -> ClientResult {
 async fn going_away(url: String, hold: Duration) -> ClientResult {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     linger(&mut ws, hold).await;
-    ws.close(Some(CloseFrame { code: CloseCode::Away, reason: "page closed".into() })).await?;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "page closed".into(),
+    }))
+    .await?;
     while let Some(Ok(_)) = ws.next().await {}
     Ok(())
 }
@@ -252,9 +280,22 @@ async fn invalid_utf8(addr: SocketAddr) -> ClientResult {
     let mut tcp = ws.into_inner();
     // FIN + text, masked, 2 bytes: 0xC3 0x28 is an invalid UTF-8 sequence.
     let mask = [1u8, 2, 3, 4];
-    let frame = [0x81, 0x82, mask[0], mask[1], mask[2], mask[3], 0xC3 ^ mask[0], 0x28 ^ mask[1]];
+    let frame = [
+        0x81,
+        0x82,
+        mask[0],
+        mask[1],
+        mask[2],
+        mask[3],
+        0xC3 ^ mask[0],
+        0x28 ^ mask[1],
+    ];
     tcp.write_all(&frame).await?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::copy(&mut tcp, &mut tokio::io::sink())).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::copy(&mut tcp, &mut tokio::io::sink()),
+    )
+    .await;
     Ok(())
 }
 

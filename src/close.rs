@@ -14,7 +14,9 @@ use crate::error::Error;
 /// The category of a connection's death. Exactly one per connection.
 ///
 /// The full table, with the close code sent in each case, is
-/// `docs/close-reasons.md`; the code that implements it is [`classify`].
+/// `docs/close-reasons.md`; the code that implements it is one function,
+/// `classify` in `src/close.rs`, with [`from_close_code`](Self::from_close_code)
+/// for the rows keyed by close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum CloseReason {
@@ -209,10 +211,9 @@ fn classify_error(err: &WsError) -> (CloseReason, Initiator) {
             (CloseReason::Abnormal, Initiator::Remote)
         }
         WsError::Protocol(P::SendAfterClosing) => (CloseReason::Internal, Initiator::Local),
-        WsError::Protocol(_)
-        | WsError::Capacity(_)
-        | WsError::Utf8(_)
-        | WsError::AttackAttempt => (CloseReason::ProtocolError, Initiator::Remote),
+        WsError::Protocol(_) | WsError::Capacity(_) | WsError::Utf8(_) | WsError::AttackAttempt => {
+            (CloseReason::ProtocolError, Initiator::Remote)
+        }
         WsError::Io(e) if is_transport_gone(e) => (CloseReason::Abnormal, Initiator::Remote),
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
             (CloseReason::Abnormal, Initiator::Remote)
@@ -314,7 +315,10 @@ mod tests {
         let reset = WsError::Io(io::ErrorKind::ConnectionReset.into());
         let eof = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
         let utf8 = WsError::Utf8("bad".into());
-        let big = WsError::Capacity(CapacityError::MessageTooLong { size: 2, max_size: 1 });
+        let big = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
         let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
         let local_io = WsError::Io(io::ErrorKind::OutOfMemory.into());
         let rows = [
@@ -322,11 +326,20 @@ mod tests {
             (&eof, R::Abnormal, Remote, None),
             (&utf8, R::ProtocolError, Remote, Some(CloseCode::Invalid)),
             (&big, R::ProtocolError, Remote, Some(CloseCode::Size)),
-            (&unmasked, R::ProtocolError, Remote, Some(CloseCode::Protocol)),
+            (
+                &unmasked,
+                R::ProtocolError,
+                Remote,
+                Some(CloseCode::Protocol),
+            ),
             (&local_io, R::Internal, Local, None),
         ];
         for (err, reason, initiator, code) in &rows {
-            assert_eq!(classify(&Cause::Failed(err)), (*reason, *initiator), "{err}");
+            assert_eq!(
+                classify(&Cause::Failed(err)),
+                (*reason, *initiator),
+                "{err}"
+            );
             assert_eq!(code_for_error(err), *code, "{err}");
         }
     }

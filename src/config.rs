@@ -72,7 +72,6 @@ impl Default for Config {
 
 impl Config {
     /// Starts a builder with every default.
-    #[must_use]
     pub const fn builder() -> ConfigBuilder {
         ConfigBuilder::new()
     }
@@ -466,7 +465,10 @@ impl fmt::Display for ConfigError {
                 "max_frame_size ({frame}) must not exceed max_message_size ({message})"
             ),
             Self::WriteBufferTooSmall { limit, min } => {
-                write!(f, "write_buffer_limit ({limit}) must be at least {min} bytes")
+                write!(
+                    f,
+                    "write_buffer_limit ({limit}) must be at least {min} bytes"
+                )
             }
         }
     }

@@ -271,7 +271,12 @@ impl Core {
         }
     }
 
-    fn poll_read<S>(&mut self, cx: &mut Context<'_>, ws: &mut WebSocketStream<S>, now: Instant) -> bool
+    fn poll_read<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut WebSocketStream<S>,
+        now: Instant,
+    ) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -324,7 +329,13 @@ impl Core {
                 self.code_received = code;
                 if self.code_sent.is_none() && self.phase == Phase::Open {
                     // tungstenite echoes a valid code and answers an invalid one with 1002.
-                    self.code_sent = code.map(|c| if c.is_allowed() { c } else { CloseCode::Protocol });
+                    self.code_sent = code.map(|c| {
+                        if c.is_allowed() {
+                            c
+                        } else {
+                            CloseCode::Protocol
+                        }
+                    });
                 }
                 self.record(Cause::PeerClose(code), text, None);
                 // tungstenite queued the Close reply; flush it, then read on
@@ -375,7 +386,12 @@ impl Core {
 
     // ===== outbound =====
 
-    fn poll_commands<S>(&mut self, cx: &mut Context<'_>, ws: &mut WebSocketStream<S>, now: Instant) -> bool
+    fn poll_commands<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut WebSocketStream<S>,
+        now: Instant,
+    ) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -403,7 +419,9 @@ impl Core {
                 Poll::Ready(Some(Command::Close(frame))) => {
                     progress = true;
                     let code = frame.as_ref().map(|f| f.code);
-                    let text = frame.as_ref().map_or_else(String::new, |f| f.reason.to_string());
+                    let text = frame
+                        .as_ref()
+                        .map_or_else(String::new, |f| f.reason.to_string());
                     self.record(Cause::AppClose(code), text, None);
                     let until = now + self.inner.config.close_timeout();
                     self.send_close(ws, frame, until);
@@ -427,7 +445,12 @@ impl Core {
         }
     }
 
-    fn poll_flush<S>(&mut self, cx: &mut Context<'_>, ws: &mut WebSocketStream<S>, now: Instant) -> bool
+    fn poll_flush<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut WebSocketStream<S>,
+        now: Instant,
+    ) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -464,7 +487,11 @@ impl Core {
             // Only control frames can overflow (data is checked by `Sender`):
             // the peer stopped reading long enough to fill the buffer.
             WsError::WriteBufferFull(_) => {
-                self.record(Cause::WriteStalled, String::new(), Some(Error::transport(e)));
+                self.record(
+                    Cause::WriteStalled,
+                    String::new(),
+                    Some(Error::transport(e)),
+                );
             }
             e => self.record_error(e),
         }
@@ -475,8 +502,12 @@ impl Core {
 
     /// Queues our Close (if the protocol still allows one) and waits for
     /// the handshake until `until`.
-    fn send_close<S>(&mut self, ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>, until: Instant)
-    where
+    fn send_close<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        frame: Option<CloseFrame>,
+        until: Instant,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.code_sent = frame.as_ref().map(|f| f.code);
@@ -488,8 +519,13 @@ impl Core {
 
     /// Ends the connection for a local failure: a best-effort Close, flushed
     /// within the write timeout, then the transport is dropped.
-    fn fail_with_close<S>(&mut self, ws: &mut WebSocketStream<S>, code: CloseCode, text: &str, now: Instant)
-    where
+    fn fail_with_close<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        code: CloseCode,
+        text: &str,
+        now: Instant,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.code_sent = Some(code);
@@ -617,7 +653,13 @@ impl Core {
     /// [`record`](Self::record) for an error, which the event keeps.
     fn record_error(&mut self, e: WsError) {
         let class = classify(&Cause::Failed(&e));
-        self.settle(class, false, false, String::new(), Some(Error::transport(e)));
+        self.settle(
+            class,
+            false,
+            false,
+            String::new(),
+            Some(Error::transport(e)),
+        );
     }
 
     fn settle(

@@ -270,7 +270,10 @@ mod tests {
         // The first ping was acknowledged by the later pong: its own pong is stale.
         assert_eq!(h.on_pong(at, &first), Pong::Unmatched);
         let s = h.stats();
-        assert_eq!((s.pings_sent, s.pongs_received, s.pongs_unmatched), (2, 2, 1));
+        assert_eq!(
+            (s.pings_sent, s.pongs_received, s.pongs_unmatched),
+            (2, 2, 1)
+        );
         assert_eq!(s.last_rtt, Some(120 * MS));
     }
 

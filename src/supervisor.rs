@@ -255,8 +255,9 @@ impl Supervisor {
                     code,
                     reason: cause.as_str().into(),
                 };
-                let _ = tokio::time::timeout(self.inner.config.close_timeout(), ws.close(Some(frame)))
-                    .await;
+                let _ =
+                    tokio::time::timeout(self.inner.config.close_timeout(), ws.close(Some(frame)))
+                        .await;
                 Err(self.inner.fail_handshake(cause, None))
             }
         }
@@ -336,7 +337,16 @@ impl Supervisor {
         let (in_tx, in_rx) = mpsc::channel(config.inbound_queue().get());
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue().get());
         let sender = Sender::new(out_tx, id, config.write_buffer_limit());
-        let driver = Driver::new(ws, inner.clone(), shared.clone(), id, peer_addr, in_tx, out_rx, slot);
+        let driver = Driver::new(
+            ws,
+            inner.clone(),
+            shared.clone(),
+            id,
+            peer_addr,
+            in_tx,
+            out_rx,
+            slot,
+        );
         {
             // Holding the lock across the check and the spawn means that a
             // concurrent `shutdown` either sees this task in the tracker or
@@ -553,7 +563,9 @@ where
             match slot {
                 Some(slot) => supervisor.register(ws, self.peer_addr, slot),
                 // Unreachable in practice: the gate refused the handshake.
-                None => Err(inner.fail_handshake(refuse.unwrap_or(HandshakeFailure::AtCapacity), None)),
+                None => {
+                    Err(inner.fail_handshake(refuse.unwrap_or(HandshakeFailure::AtCapacity), None))
+                }
             }
         })
     }

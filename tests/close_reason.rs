@@ -19,7 +19,11 @@ use CloseReason as R;
 use Initiator::{Local, Remote};
 
 fn assert_reason(event: &CloseEvent, reason: CloseReason, initiator: Initiator) {
-    assert_eq!((event.reason, event.initiator), (reason, initiator), "{event:#?}");
+    assert_eq!(
+        (event.reason, event.initiator),
+        (reason, initiator),
+        "{event:#?}"
+    );
 }
 
 /// The peer closes with `code`; returns the single event.
@@ -75,7 +79,10 @@ async fn normal__application_close() {
     let received = peer.next().await.unwrap().unwrap();
     assert_eq!(
         received,
-        Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() }))
+        Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into()
+        }))
     );
     while peer.next().await.is_some() {}
     let event = conn.closed().await;
@@ -145,7 +152,10 @@ async fn timeout__pong_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn timeout__write_stalled() {
-    let config = heartbeat(60 * SEC, 60 * SEC).write_timeout(5 * SEC).build().unwrap();
+    let config = heartbeat(60 * SEC, 60 * SEC)
+        .write_timeout(5 * SEC)
+        .build()
+        .unwrap();
     let (sup, events) = supervisor(config);
     // A 4 KiB pipe and a peer that never reads after the handshake.
     let (conn, _peer) = accept_raw_with(&sup, 4096).await;
@@ -214,7 +224,11 @@ async fn protocol_error__invalid_utf8_text() {
 
 #[tokio::test(start_paused = true)]
 async fn protocol_error__message_too_big() {
-    let config = Config::builder().max_message_size(1024).max_frame_size(1024).build().unwrap();
+    let config = Config::builder()
+        .max_message_size(1024)
+        .max_frame_size(1024)
+        .build()
+        .unwrap();
     let bytes = encode(true, OP_BINARY, &[7; 2048], true);
     let (event, sent) = peer_sends_raw(config, bytes).await;
     assert_reason(&event, R::ProtocolError, Remote);
@@ -311,7 +325,10 @@ async fn first_cause_wins__peer_close_then_reset_stays_normal() {
 
 #[tokio::test(start_paused = true)]
 async fn refused__handshake_never_completed() {
-    let config = Config::builder().handshake_timeout(3 * SEC).build().unwrap();
+    let config = Config::builder()
+        .handshake_timeout(3 * SEC)
+        .build()
+        .unwrap();
     let (sup, events) = supervisor(config);
     let (server, _silent_client) = tokio::io::duplex(PIPE);
     let started = Instant::now();
@@ -320,18 +337,29 @@ async fn refused__handshake_never_completed() {
     assert_eq!(err.handshake_failure(), Some(HandshakeFailure::Timeout));
     assert_eq!(Instant::now() - started, 3 * SEC);
     assert_eq!(sup.handshake_failures(HandshakeFailure::Timeout), 1);
-    assert_eq!(events.len(), 0, "no hook for a connection that never existed");
+    assert_eq!(
+        events.len(),
+        0,
+        "no hook for a connection that never existed"
+    );
     assert_eq!(sup.accepted_total(), 0);
     assert!(sup.is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn refused__handshake_dribbled_past_the_deadline() {
-    let config = Config::builder().handshake_timeout(3 * SEC).build().unwrap();
+    let config = Config::builder()
+        .handshake_timeout(3 * SEC)
+        .build()
+        .unwrap();
     let (sup, events) = supervisor(config);
     let (server, mut client) = tokio::io::duplex(PIPE);
     let slowloris = tokio::spawn(async move {
-        for byte in b"GET / HTTP/1.1\r\nHost: localhost\r\n".iter().cycle().take(100) {
+        for byte in b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+            .iter()
+            .cycle()
+            .take(100)
+        {
             if client.write_all(&[*byte]).await.is_err() {
                 break;
             }
@@ -349,6 +377,8 @@ async fn refused__by_the_request_callback() {
     use ws_supervisor::tungstenite::handshake::server::{ErrorResponse, Request, Response};
     let (sup, events) = supervisor(Config::default());
     let (server, client) = tokio::io::duplex(PIPE);
+    // The signature is tungstenite's `Callback`.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, res: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == "/chat" && req.headers().contains_key("authorization") {
             Ok(res)
@@ -373,7 +403,10 @@ async fn refused__by_the_request_callback() {
 
 #[tokio::test(start_paused = true)]
 async fn refused__at_capacity_with_503() {
-    let config = Config::builder().max_connections(NonZeroUsize::new(2)).build().unwrap();
+    let config = Config::builder()
+        .max_connections(NonZeroUsize::new(2))
+        .build()
+        .unwrap();
     let (sup, events) = supervisor(config);
     let (a, _pa) = accept_raw(&sup).await;
     let (_b, _pb) = accept_raw(&sup).await;
@@ -382,7 +415,10 @@ async fn refused__at_capacity_with_503() {
         sup.accept(server).into_future(),
         tokio_tungstenite::client_async("ws://localhost/", client)
     );
-    assert_eq!(third.unwrap_err().handshake_failure(), Some(HandshakeFailure::AtCapacity));
+    assert_eq!(
+        third.unwrap_err().handshake_failure(),
+        Some(HandshakeFailure::AtCapacity)
+    );
     match client.unwrap_err() {
         ws_supervisor::tungstenite::Error::Http(res) => assert_eq!(res.status(), 503),
         other => panic!("unexpected {other:?}"),
@@ -419,7 +455,12 @@ async fn supervise_an_upgraded_stream() {
 async fn close_text_is_truncated_and_forbidden_codes_refused() {
     let (sup, _events) = supervisor(Config::default());
     let (conn, mut peer) = accept_raw(&sup).await;
-    for code in [CloseCode::Abnormal, CloseCode::Tls, CloseCode::from(999), CloseCode::from(2000)] {
+    for code in [
+        CloseCode::Abnormal,
+        CloseCode::Tls,
+        CloseCode::from(999),
+        CloseCode::from(2000),
+    ] {
         let err = conn.close(code, "").await.unwrap_err();
         assert!(err.is_invalid_input(), "{code:?}");
     }
@@ -440,7 +481,17 @@ async fn send_refuses_control_frames_and_oversized_messages() {
     let config = Config::builder().write_buffer_limit(4096).build().unwrap();
     let (sup, _events) = supervisor(config);
     let (conn, _peer) = accept_raw(&sup).await;
-    assert!(conn.send(Message::Ping("x".into())).await.unwrap_err().is_invalid_input());
-    assert!(conn.send(vec![0u8; 8192]).await.unwrap_err().is_invalid_input());
+    assert!(
+        conn.send(Message::Ping("x".into()))
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        conn.send(vec![0u8; 8192])
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
     conn.send("fine").await.unwrap();
 }

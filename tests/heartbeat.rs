@@ -30,7 +30,10 @@ async fn cadence_100_intervals_with_rtt() {
 
     sleep(100 * SEC + 500 * MS).await;
     let stats = conn.stats();
-    assert!(conn.close_event().is_none(), "a live peer must never time out");
+    assert!(
+        conn.close_event().is_none(),
+        "a live peer must never time out"
+    );
     assert!((99..=101).contains(&stats.pings_sent), "{stats:?}");
     assert_eq!(stats.pongs_received, stats.pings_sent);
     assert_eq!(stats.pongs_unmatched, 0);
@@ -44,7 +47,10 @@ async fn cadence_100_intervals_with_rtt() {
     let pings = peer.await.unwrap();
     assert!((99..=101).contains(&pings), "peer saw {pings} pings");
     let event = events.only();
-    assert_eq!((event.reason, event.initiator), (CloseReason::Normal, Initiator::Local));
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Normal, Initiator::Local)
+    );
     assert!(event.duration >= Instant::now() - opened - SEC);
 }
 
@@ -62,12 +68,19 @@ async fn silent_peer_dies_after(interval: Duration, timeout: Duration) -> Durati
     assert!(early.is_err(), "closed before interval + timeout");
     let event = conn.closed().await;
     let died = Instant::now() - opened;
-    assert_eq!((event.reason, event.initiator), (CloseReason::Timeout, Initiator::Local));
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Timeout, Initiator::Local)
+    );
     assert_eq!(event.code_sent, Some(CloseCode::Error));
     assert_eq!(event.stats.pongs_received, 0);
     assert!(event.stats.since_last_inbound >= bound);
     let frames = drained.await.unwrap();
-    assert_eq!(frames.last().and_then(Frame::close_code), Some(1011), "a Close 1011 went out");
+    assert_eq!(
+        frames.last().and_then(Frame::close_code),
+        Some(1011),
+        "a Close 1011 went out"
+    );
     assert_eq!(events.len(), 1);
     died
 }
@@ -106,7 +119,10 @@ async fn detection_bound_counts_from_the_last_inbound_frame() {
     let event = conn.closed().await;
     let after_last = Instant::now() - last;
     assert_eq!(event.reason, CloseReason::Timeout);
-    assert!(after_last > SEC && after_last <= 2 * SEC + 10 * MS, "{after_last:?}");
+    assert!(
+        after_last > SEC && after_last <= 2 * SEC + 10 * MS,
+        "{after_last:?}"
+    );
     drained.await.unwrap();
 }
 
@@ -142,19 +158,29 @@ async fn auto_pong_goes_out_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn unsolicited_pongs_are_liveness_never_rtt() {
-    let config = heartbeat(SEC, SEC).liveness(Liveness::Pong).build().unwrap();
+    let config = heartbeat(SEC, SEC)
+        .liveness(Liveness::Pong)
+        .build()
+        .unwrap();
     let (sup, _events) = supervisor(config);
     let (conn, peer) = accept_raw(&sup).await;
     let (mut reader, mut writer) = (peer.reader, peer.writer);
-    let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+    let discard =
+        tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
     // Never answers a ping, but sends a pong of its own twice a second.
     for _ in 0..40 {
         use tokio::io::AsyncWriteExt;
-        writer.write_all(&encode(true, OP_PONG, b"heartbeat", true)).await.unwrap();
+        writer
+            .write_all(&encode(true, OP_PONG, b"heartbeat", true))
+            .await
+            .unwrap();
         sleep(500 * MS).await;
     }
     let stats = conn.stats();
-    assert!(conn.close_event().is_none(), "unsolicited pongs keep it alive");
+    assert!(
+        conn.close_event().is_none(),
+        "unsolicited pongs keep it alive"
+    );
     assert_eq!(stats.last_rtt, None);
     assert_eq!(stats.pongs_unmatched, 40);
     assert!(stats.pings_sent >= 19);
@@ -170,12 +196,17 @@ async fn liveness_policy_any_frame_versus_pong_only() {
         let (sup, events) = supervisor(config);
         let (mut conn, peer) = accept_raw(&sup).await;
         let (mut reader, mut writer) = (peer.reader, peer.writer);
-        let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+        let discard =
+            tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
         // Data every 300 ms, never a pong.
         let talker = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             for _ in 0..20 {
-                if writer.write_all(&encode(true, OP_TEXT, b"tick", true)).await.is_err() {
+                if writer
+                    .write_all(&encode(true, OP_TEXT, b"tick", true))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 sleep(300 * MS).await;
@@ -213,18 +244,25 @@ async fn full_inbound_queue_suspends_the_pong_deadline() {
     let (sup, events) = supervisor(config);
     let (mut conn, peer) = accept_raw(&sup).await;
     let (mut reader, mut writer) = (peer.reader, peer.writer);
-    let discard = tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+    let discard =
+        tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
     {
         use tokio::io::AsyncWriteExt;
         // More messages than the queue holds; then the peer says nothing more.
         for i in 0..10u8 {
-            writer.write_all(&encode(true, OP_BINARY, &[i], true)).await.unwrap();
+            writer
+                .write_all(&encode(true, OP_BINARY, &[i], true))
+                .await
+                .unwrap();
         }
     }
     // The application does not read for 30 s: pings go unanswered (the peer
     // never pongs), yet nothing is blamed on the peer while we are not reading.
     sleep(30 * SEC).await;
-    assert!(conn.close_event().is_none(), "closed while our own queue was full");
+    assert!(
+        conn.close_event().is_none(),
+        "closed while our own queue was full"
+    );
     assert!(conn.stats().pings_sent >= 29);
 
     // Once the application reads again, the peer gets one full timeout.
@@ -254,7 +292,10 @@ async fn jitter_spreads_first_pings_within_bound() {
         let first = Instant::now() - opened;
         peer.send(OP_PONG, &ping.payload).await;
         // Timers fire on whole milliseconds, so the top of the range is inclusive.
-        assert!(first >= SEC && first <= SEC + 500 * MS, "first ping after {first:?}");
+        assert!(
+            first >= SEC && first <= SEC + 500 * MS,
+            "first ping after {first:?}"
+        );
         firsts.push(first);
         // The schedule keeps its phase: the second ping one interval later.
         let ping = peer.read_until(OP_PING).await.unwrap();

@@ -22,7 +22,9 @@ async fn echo_server(sup: Supervisor) -> std::net::SocketAddr {
         while let Ok((tcp, _)) = listener.accept().await {
             let sup = sup.clone();
             tokio::spawn(async move {
-                let Ok(mut conn) = sup.accept_tcp(tcp).await else { return };
+                let Ok(mut conn) = sup.accept_tcp(tcp).await else {
+                    return;
+                };
                 while let Some(message) = conn.recv().await {
                     if conn.send(message).await.is_err() {
                         break;
@@ -38,18 +40,38 @@ async fn echo_server(sup: Supervisor) -> std::net::SocketAddr {
 async fn echo_ping_and_normal_close_over_tcp() {
     let (sup, events) = supervisor(Config::default());
     let addr = echo_server(sup.clone()).await;
-    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await.unwrap();
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
     let local = client.get_ref().get_ref().local_addr().unwrap();
 
     client.send(Message::text("hello")).await.unwrap();
-    assert_eq!(timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(), Message::text("hello"));
+    assert_eq!(
+        timeout(BOUND, client.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        Message::text("hello")
+    );
     client.send(Message::binary(vec![1, 2, 3])).await.unwrap();
     assert_eq!(
-        timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(),
+        timeout(BOUND, client.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
         Message::binary(vec![1, 2, 3])
     );
     client.send(Message::Ping("p".into())).await.unwrap();
-    assert_eq!(timeout(BOUND, client.next()).await.unwrap().unwrap().unwrap(), Message::Pong("p".into()));
+    assert_eq!(
+        timeout(BOUND, client.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        Message::Pong("p".into())
+    );
 
     client.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(BOUND, client.next()).await {}
@@ -61,7 +83,10 @@ async fn echo_ping_and_normal_close_over_tcp() {
     .await
     .unwrap();
     let event = events.only();
-    assert_eq!((event.reason, event.initiator), (CloseReason::Normal, Initiator::Remote));
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Normal, Initiator::Remote)
+    );
     assert_eq!(event.peer_addr, Some(local));
     assert!(sup.is_empty());
 }
@@ -79,7 +104,10 @@ async fn supervised_client_and_server_measure_rtt_both_ways() {
     let mut conn = client.connect(format!("ws://{addr}/")).await.unwrap();
     assert_eq!(conn.peer_addr(), Some(addr));
     conn.send("round trip").await.unwrap();
-    assert_eq!(timeout(BOUND, conn.recv()).await.unwrap().unwrap(), Message::text("round trip"));
+    assert_eq!(
+        timeout(BOUND, conn.recv()).await.unwrap().unwrap(),
+        Message::text("round trip")
+    );
     // Wait (bounded) until a few heartbeats went each way.
     timeout(BOUND, async {
         while conn.stats().pongs_received < 3 {
@@ -100,8 +128,14 @@ async fn supervised_client_and_server_measure_rtt_both_ways() {
     .await
     .unwrap();
     let event = server_events.only();
-    assert_eq!((event.reason, event.initiator), (CloseReason::GoingAway, Initiator::Remote));
-    assert!(event.stats.pongs_received >= 1, "the server's pings were answered: {event:?}");
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::GoingAway, Initiator::Remote)
+    );
+    assert!(
+        event.stats.pongs_received >= 1,
+        "the server's pings were answered: {event:?}"
+    );
     assert!(event.stats.last_rtt.is_some());
 }
 
@@ -122,7 +156,10 @@ async fn supervised_client_detects_a_silent_server() {
     let (client, events) = supervisor(config);
     let conn = client.connect(format!("ws://{addr}/")).await.unwrap();
     let event = timeout(BOUND, conn.closed()).await.unwrap();
-    assert_eq!((event.reason, event.initiator), (CloseReason::Timeout, Initiator::Local));
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Timeout, Initiator::Local)
+    );
     assert_eq!(event.code_sent, Some(CloseCode::Error));
     assert!(event.stats.pings_sent >= 1);
     assert_eq!(event.stats.pongs_received, 0);
@@ -141,7 +178,10 @@ async fn handshake_timeout_on_a_silent_tcp_client() {
     let addr = listener.local_addr().unwrap();
     let _silent = TcpStream::connect(addr).await.unwrap();
     let (tcp, _) = listener.accept().await.unwrap();
-    let err = timeout(BOUND, sup.accept_tcp(tcp)).await.unwrap().unwrap_err();
+    let err = timeout(BOUND, sup.accept_tcp(tcp))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.handshake_failure(), Some(HandshakeFailure::Timeout));
     assert_eq!(events.len(), 0);
 }
@@ -164,7 +204,9 @@ async fn reset_by_peer_is_abnormal() {
     let (sup, events) = supervisor(Config::default());
     let addr = echo_server(sup.clone()).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (client, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await.unwrap();
+    let (client, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+        .await
+        .unwrap();
     let tcp = client.into_inner();
     // SO_LINGER 0: closing sends RST instead of FIN.
     tcp.set_zero_linger().unwrap();
@@ -177,5 +219,8 @@ async fn reset_by_peer_is_abnormal() {
     .await
     .unwrap();
     let event = events.only();
-    assert_eq!((event.reason, event.initiator), (CloseReason::Abnormal, Initiator::Remote));
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Abnormal, Initiator::Remote)
+    );
 }

@@ -6,7 +6,9 @@ use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
 use tokio_tungstenite::WebSocketStream;
 use ws_supervisor::{CloseEvent, Config, ConfigBuilder, Connection, Supervisor};
 
@@ -71,7 +73,10 @@ pub async fn accept_raw(sup: &Supervisor) -> (Connection, RawPeer<DuplexStream>)
 }
 
 /// As [`accept_raw`], over a pipe of `capacity` bytes.
-pub async fn accept_raw_with(sup: &Supervisor, capacity: usize) -> (Connection, RawPeer<DuplexStream>) {
+pub async fn accept_raw_with(
+    sup: &Supervisor,
+    capacity: usize,
+) -> (Connection, RawPeer<DuplexStream>) {
     let (server, client) = tokio::io::duplex(capacity);
     let (conn, peer) = tokio::join!(sup.accept(server).into_future(), RawPeer::handshake(client));
     (conn.expect("accept"), peer)
@@ -139,7 +144,11 @@ impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
         };
         let mut payload = vec![0; len];
         self.reader.read_exact(&mut payload).await.ok()?;
-        Some(Frame { fin, opcode, payload })
+        Some(Frame {
+            fin,
+            opcode,
+            payload,
+        })
     }
 
     /// Reads frames until one with `opcode`, skipping others.
