@@ -21,7 +21,7 @@
 //! use std::time::Duration;
 //! use ws_supervisor::{CloseEvent, Config, Supervisor};
 //!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::builder()
 //!     .ping_interval(Duration::from_secs(15))
@@ -38,18 +38,16 @@
 //! #     ws.close(None).await.unwrap();
 //! #     while let Some(Ok(_)) = futures::StreamExt::next(&mut ws).await {}
 //! # });
-//! # for _ in 0..1 {
 //! let (tcp, _) = listener.accept().await?;
 //! let mut conn = supervisor.accept_tcp(tcp).await?;
-//! tokio::spawn(async move {
+//! let echo = tokio::spawn(async move {
 //!     while let Some(message) = conn.recv().await {
 //!         if conn.send(message).await.is_err() {
 //!             break;
 //!         }
 //!     }
 //! });
-//! # }
-//! # while !supervisor.is_empty() { tokio::task::yield_now().await; }
+//! # echo.await?;
 //! # assert_eq!(supervisor.closed_total(ws_supervisor::CloseReason::Normal), 1);
 //! supervisor.shutdown(Duration::from_secs(10)).await;
 //! # Ok(())

@@ -45,27 +45,36 @@ use crate::hook::{CloseHook, Hooks};
 ///
 /// ```
 /// use std::time::Duration;
-/// use ws_supervisor::{Config, Supervisor};
+/// use ws_supervisor::{CloseEvent, CloseReason, Config, Supervisor};
 ///
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let supervisor = Supervisor::builder(Config::default())
-///     .on_close(|event: &ws_supervisor::CloseEvent| {
+///     .on_close(|event: &CloseEvent| {
 ///         println!("{} closed: {} ({})", event.id, event.reason, event.initiator);
 ///     })
 ///     .build();
 ///
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// # let addr = listener.local_addr()?;
-/// # tokio::spawn(tokio_tungstenite::connect_async(format!("ws://{addr}/")));
+/// # let client = tokio::spawn(async move {
+/// #     use futures::{SinkExt, StreamExt};
+/// #     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await.unwrap();
+/// #     ws.send("hi".into()).await.unwrap();
+/// #     assert_eq!(ws.next().await.unwrap().unwrap(), "hi".into());
+/// #     ws.close(None).await.unwrap();
+/// #     while let Some(Ok(_)) = ws.next().await {}
+/// # });
 /// let (tcp, peer) = listener.accept().await?;
 /// let mut conn = supervisor.accept(tcp).peer_addr(peer).await?;
-/// # drop(conn.close(ws_supervisor::CloseCode::Normal, "bye").await);
 /// while let Some(message) = conn.recv().await {
 ///     conn.send(message).await?; // echo
 /// }
-/// let summary = supervisor.shutdown(Duration::from_secs(5)).await;
-/// # assert_eq!(summary.total(), 1);
+/// let event = conn.closed().await;
+/// assert_eq!(event.reason, CloseReason::Normal);
+///
+/// supervisor.shutdown(Duration::from_secs(5)).await;
+/// # client.await?;
 /// # Ok(())
 /// # }
 /// ```
