@@ -104,3 +104,8 @@ pub use supervisor::{Accept, ShutdownSummary, Supervisor, SupervisorBuilder};
 pub use tokio_tungstenite::tungstenite;
 /// RFC 6455 close codes, as tungstenite names them.
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+// The README's example is compiled with the doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
