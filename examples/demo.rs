@@ -11,7 +11,9 @@
 //! * `--listen ADDR` — where to serve WebSocket (default `127.0.0.1:9001`);
 //! * `--ping-interval-ms N` — ping interval (default 1000);
 //! * `--pong-timeout-ms N` — pong timeout (default 1000);
-//! * `--no-simulate` — serve only: echo every text and binary message.
+//! * `--no-simulate` — serve only: echo every text and binary message;
+//! * `--metrics-listen ADDR` — where to serve Prometheus metrics, on every
+//!   path including `/metrics` (default `127.0.0.1:9000`).
 //!
 //! The fleet, one round every few seconds: a client that closes normally
 //! (`normal`), one that says 1001 (`going_away`), one that falls silent
@@ -39,10 +41,10 @@ struct Args {
     ping_interval: Duration,
     pong_timeout: Duration,
     simulate: bool,
+    metrics_listen: SocketAddr,
 }
 
-const USAGE: &str =
-    "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate]";
+const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
@@ -50,6 +52,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         ping_interval: Duration::from_millis(1000),
         pong_timeout: Duration::from_millis(1000),
         simulate: true,
+        metrics_listen: "127.0.0.1:9000".parse().expect("valid default"),
     };
     while let Some(flag) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -61,6 +64,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--ping-interval-ms" => parsed.ping_interval = millis(&value("--ping-interval-ms")?)?,
             "--pong-timeout-ms" => parsed.pong_timeout = millis(&value("--pong-timeout-ms")?)?,
             "--no-simulate" => parsed.simulate = false,
+            "--metrics-listen" => {
+                let v = value("--metrics-listen")?;
+                parsed.metrics_listen = v
+                    .parse()
+                    .map_err(|e| format!("--metrics-listen {v}: {e}"))?;
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -121,9 +130,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The recorder goes in before the supervisor registers its metrics.
+    if let Err(e) = ws_supervisor::prometheus::install(args.metrics_listen) {
+        eprintln!("cannot serve metrics on {}: {e}", args.metrics_listen);
+        return ExitCode::FAILURE;
+    }
+    println!("metrics on http://{}/metrics", args.metrics_listen);
     // The `internal` client makes a handler panic on purpose: one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
-    let supervisor = Supervisor::builder(config).on_close(print_event).build();
+    let supervisor = Supervisor::builder(config)
+        .on_close(print_event)
+        .metric_label("supervisor", "demo")
+        .build();
     let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -121,6 +121,11 @@ impl Initiator {
             Self::Remote => "remote",
         }
     }
+
+    /// Position in [`ALL`](Self::ALL).
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl fmt::Display for Initiator {

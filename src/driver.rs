@@ -22,7 +22,8 @@ use tokio_util::sync::PollSender;
 use crate::close::{Cause, CloseEvent, CloseReason, Initiator, classify, code_for_error};
 use crate::connection::{Command, ConnectionId, Shared, Stats};
 use crate::error::Error;
-use crate::heartbeat::Heartbeat;
+use crate::heartbeat::{Heartbeat, Pong};
+use crate::metrics::secs;
 use crate::supervisor::{Inner, Slot};
 
 /// Most loop turns in one poll before yielding to other tasks.
@@ -309,6 +310,9 @@ impl Core {
         match message {
             Message::Text(_) | Message::Binary(_) => {
                 self.hb.on_frame(now);
+                let metrics = &self.inner.metrics;
+                metrics.messages_received.increment(1);
+                metrics.bytes_received.increment(message.len() as u64);
                 self.deliver(message);
             }
             Message::Ping(_) => {
@@ -317,7 +321,12 @@ impl Core {
                 self.dirty = true;
             }
             Message::Pong(payload) => {
-                self.hb.on_pong(now, &payload);
+                let metrics = &self.inner.metrics;
+                metrics.pongs_received.increment(1);
+                match self.hb.on_pong(now, &payload) {
+                    Pong::Matched(rtt) => metrics.rtt.record(secs(rtt)),
+                    Pong::Unmatched => metrics.pongs_unmatched.increment(1),
+                }
                 self.shared.publish(&self.hb.stats());
             }
             Message::Close(frame) => {
@@ -414,6 +423,9 @@ impl Core {
             match self.outbound.poll_recv(cx) {
                 Poll::Ready(Some(Command::Send(message))) => {
                     progress = true;
+                    let metrics = &self.inner.metrics;
+                    metrics.messages_sent.increment(1);
+                    metrics.bytes_sent.increment(message.len() as u64);
                     self.write(ws, message);
                 }
                 Poll::Ready(Some(Command::Close(frame))) => {
@@ -598,6 +610,8 @@ impl Core {
         match self.phase {
             Phase::Open => {
                 if self.hb.is_expired(now) {
+                    let silent = now.saturating_duration_since(self.hb.last_inbound());
+                    self.inner.metrics.detection.record(secs(silent));
                     self.record(Cause::PongTimeout, "ping timeout".into(), None);
                     self.fail_with_close(ws, CloseCode::Error, "ping timeout", now);
                     return true;
@@ -612,6 +626,7 @@ impl Core {
                     return true;
                 }
                 if let Some(payload) = self.hb.ping_due(now) {
+                    self.inner.metrics.pings_sent.increment(1);
                     self.write(ws, Message::Ping(Bytes::copy_from_slice(&payload)));
                     self.shared.publish(&self.hb.stats());
                     return true;
@@ -727,12 +742,26 @@ impl Core {
             stats,
             error: outcome.error,
         };
-        let panics = self.inner.hooks.run(&event);
+        let inner = &*self.inner;
+        let metrics = &inner.metrics;
+        // Hooks are synchronous: real time, not tokio's (possibly paused) clock.
+        let started = std::time::Instant::now();
+        let panics = inner.hooks.run(&event);
+        metrics.hook_duration.record(secs(started.elapsed()));
         if panics > 0 {
-            self.inner.hook_panics.fetch_add(panics, Relaxed);
+            inner.hook_panics.fetch_add(panics, Relaxed);
+            metrics.hook_panics.increment(panics);
         }
-        self.inner.closed[event.reason.index()].fetch_add(1, Relaxed);
-        self.inner.live.fetch_sub(1, Relaxed);
+        inner.closed[event.reason.index()].fetch_add(1, Relaxed);
+        metrics.closed(event.reason, event.initiator);
+        metrics.lifetime.record(secs(event.duration));
+        // The live count and gauge change here and only here (and once, at
+        // registration), next to the hooks: they return exactly to zero.
+        inner.live.fetch_sub(1, Relaxed);
+        metrics.connections.decrement(1.0);
+        if inner.shutdown_deadline.get().is_some() {
+            metrics.shutdown_remaining.decrement(1.0);
+        }
         self.slot = None;
         self.shared.finish(event);
     }

@@ -90,6 +90,10 @@ mod driver;
 mod error;
 mod heartbeat;
 mod hook;
+pub mod metrics;
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
+pub mod prometheus;
 mod supervisor;
 
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};

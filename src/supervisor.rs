@@ -31,6 +31,7 @@ use crate::connection::{Connection, ConnectionId, Sender, Shared};
 use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
+use crate::metrics::Metrics;
 
 /// Supervises WebSocket connections: pings each peer on a schedule, holds it
 /// to a pong deadline, and runs the close hooks exactly once per connection
@@ -114,6 +115,8 @@ pub(crate) struct Inner {
     pub(crate) forced: AtomicU64,
     handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     pub(crate) hook_panics: AtomicU64,
+    /// Handles registered at build time (see `metrics.rs`).
+    pub(crate) metrics: Metrics,
     /// Random per supervisor: mixes ids into ping phases and nonce keys.
     seed: RandomState,
 }
@@ -121,6 +124,7 @@ pub(crate) struct Inner {
 impl Inner {
     fn fail_handshake(&self, cause: HandshakeFailure, source: Option<WsError>) -> Error {
         self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
+        self.metrics.handshake_failed(cause);
         Error::handshake(cause, source.map(Into::into))
     }
 
@@ -150,6 +154,7 @@ impl fmt::Debug for Slot {
 pub struct SupervisorBuilder {
     config: Config,
     hooks: Hooks,
+    labels: Vec<(String, String)>,
 }
 
 impl SupervisorBuilder {
@@ -159,7 +164,17 @@ impl SupervisorBuilder {
         self
     }
 
-    /// Builds the supervisor.
+    /// Adds a constant label to every metric of this supervisor, e.g.
+    /// `("supervisor", "chat")`, to tell two supervisors of one process
+    /// apart. Keep the values few and fixed: never a connection, user or
+    /// address (see `docs/metrics.md`).
+    pub fn metric_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Builds the supervisor and registers its metrics with the recorder
+    /// installed now (install it first; see `docs/metrics.md`).
     pub fn build(self) -> Supervisor {
         Supervisor {
             inner: Arc::new(Inner {
@@ -177,6 +192,7 @@ impl SupervisorBuilder {
                 forced: AtomicU64::new(0),
                 handshake_failures: Default::default(),
                 hook_panics: AtomicU64::new(0),
+                metrics: Metrics::register(&self.labels),
                 seed: RandomState::new(),
             }),
         }
@@ -188,6 +204,7 @@ impl fmt::Debug for SupervisorBuilder {
         f.debug_struct("SupervisorBuilder")
             .field("config", &self.config)
             .field("hooks", &self.hooks)
+            .field("labels", &self.labels)
             .finish()
     }
 }
@@ -203,6 +220,7 @@ impl Supervisor {
         SupervisorBuilder {
             config,
             hooks: Hooks::default(),
+            labels: Vec::new(),
         }
     }
 
@@ -368,7 +386,9 @@ impl Supervisor {
                 return Err(inner.fail_handshake(HandshakeFailure::ShuttingDown, None));
             }
             inner.live.fetch_add(1, Relaxed);
+            inner.metrics.connections.increment(1.0);
             inner.accepted.fetch_add(1, Relaxed);
+            inner.metrics.accepted.increment(1);
             inner.tracker.spawn(driver.run());
         }
         Ok(Connection::new(in_rx, sender, shared, peer_addr))
@@ -432,9 +452,13 @@ impl Supervisor {
             *closing = true;
         }
         let _ = self.inner.shutdown_deadline.set(started + grace);
+        // From here each finishing driver counts this gauge down.
+        let metrics = &self.inner.metrics;
+        metrics.shutdown_remaining.set(self.len() as f64);
         self.inner.cancel.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        metrics.shutdown_remaining.set(0.0);
         let after = self.counts();
         let mut by_reason = [0; CloseReason::ALL.len()];
         for (i, n) in by_reason.iter_mut().enumerate() {

@@ -1,0 +1,59 @@
+//! Serves the metrics to Prometheus, with the recommended buckets. See [`install`].
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::metrics::{buckets, names};
+
+/// A [`PrometheusBuilder`] with explicit buckets for every histogram of this
+/// crate, so they render as real Prometheus histograms (which aggregate
+/// across instances) rather than summaries (which do not).
+///
+/// Use it to add your own settings before installing; [`install`] is the
+/// one-call version.
+///
+/// # Errors
+/// Never in practice: the bucket lists are non-empty constants.
+pub fn builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(names::RTT.into()), buckets::RTT)?
+        .set_buckets_for_metric(Matcher::Full(names::LIFETIME.into()), buckets::LIFETIME)?
+        .set_buckets_for_metric(Matcher::Full(names::DETECTION.into()), buckets::DETECTION)?
+        .set_buckets_for_metric(Matcher::Full(names::HOOK_DURATION.into()), buckets::HOOK)
+}
+
+/// Installs the global Prometheus recorder and serves the exposition over
+/// HTTP on `listen` (on every path, e.g. `/metrics`). Call it inside a tokio
+/// runtime, **before** building any [`Supervisor`](crate::Supervisor).
+///
+/// Returns a handle that renders the same text (for tests, or your own
+/// endpoint).
+///
+/// # Examples
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle = ws_supervisor::prometheus::install("127.0.0.1:9000".parse()?)?;
+/// let supervisor = ws_supervisor::Supervisor::new(ws_supervisor::Config::default());
+/// assert!(handle.render().contains("ws_supervisor_connections"));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// If a global recorder is already installed, or the listener cannot bind.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, BuildError> {
+    let (recorder, exporter) = builder()?.with_http_listener(listen).build()?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| BuildError::FailedToSetGlobalRecorder(e))?;
+    tokio::spawn(async move {
+        // The exporter only returns on a listener error; nothing to retry.
+        let _ = exporter.await;
+    });
+    Ok(handle)
+}
