@@ -36,8 +36,10 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let handle = ws_supervisor::prometheus::install("127.0.0.1:9000".parse()?)?;
+/// // Build supervisors after installing: their series are registered at build.
 /// let supervisor = ws_supervisor::Supervisor::new(ws_supervisor::Config::default());
-/// assert!(handle.render().contains("ws_supervisor_connections"));
+/// assert!(supervisor.is_empty());
+/// assert!(handle.render().contains("ws_supervisor_connections 0"));
 /// # Ok(())
 /// # }
 /// ```
