@@ -31,6 +31,10 @@ pub fn heartbeat(interval: Duration, timeout: Duration) -> ConfigBuilder {
 pub struct Events(Arc<Mutex<Vec<CloseEvent>>>);
 
 impl Events {
+    pub fn push(&self, event: CloseEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+
     pub fn all(&self) -> Vec<CloseEvent> {
         self.0.lock().unwrap().clone()
     }
@@ -130,6 +134,19 @@ impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
         Self { reader, writer }
     }
 
+    /// As [`handshake`](Self::handshake), but `None` when the server refuses.
+    pub async fn handshake_or_refused(io: T) -> Option<Self> {
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        writer.write_all(request.as_bytes()).await.ok()?;
+        let head = try_read_http_head(&mut reader).await?;
+        head.starts_with("HTTP/1.1 101")
+            .then_some(Self { reader, writer })
+    }
+
     /// Reads the next frame; `None` at EOF or on a broken pipe.
     pub async fn read_frame(&mut self) -> Option<Frame> {
         let mut head = [0u8; 2];
@@ -180,6 +197,22 @@ impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
         self.send(OP_CLOSE, &payload).await;
     }
 
+    /// A well-behaved peer: answers every ping, and answers a Close with the
+    /// same code. Returns the code of the server's Close (`None`: no Close).
+    pub async fn answer_pings(mut self) -> Option<u16> {
+        while let Some(frame) = self.read_frame().await {
+            match frame.opcode {
+                OP_PING => self.send(OP_PONG, &frame.payload).await,
+                OP_CLOSE => {
+                    self.send(OP_CLOSE, &frame.payload).await;
+                    return frame.close_code();
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Reads and discards everything until EOF (a peer that reads but never
     /// answers). Returns the frames it saw.
     pub async fn drain(mut self) -> Vec<Frame> {
@@ -214,6 +247,14 @@ pub fn encode(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
         out.extend_from_slice(payload);
     }
     out
+}
+
+async fn try_read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> Option<String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        head.push(reader.read_u8().await.ok()?);
+    }
+    String::from_utf8(head).ok()
 }
 
 async fn read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> String {
