@@ -52,7 +52,7 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, BuildError> {
     let (recorder, exporter) = builder()?.with_http_listener(listen).build()?;
     let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| BuildError::FailedToSetGlobalRecorder(e))?;
+    metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     tokio::spawn(async move {
         // The exporter only returns on a listener error; nothing to retry.
         let _ = exporter.await;
