@@ -141,7 +141,9 @@ impl Config {
             // after every batch anyway, and a staging buffer per idle
             // connection is memory we do not want to hold.
             .write_buffer_size(0)
-            .max_write_buffer_size(self.write_buffer_limit)
+            // Room for the frame header of a message at the limit and for
+            // the control frames (ping, pong, close) queued behind it.
+            .max_write_buffer_size(self.write_buffer_limit + CONTROL_HEADROOM)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_frame_size))
     }
@@ -318,8 +320,9 @@ impl ConfigBuilder {
         self
     }
 
-    /// Most bytes one connection may hold waiting for the socket. A single
-    /// outbound message larger than this is refused by
+    /// Most message bytes one connection may hold waiting for the socket
+    /// (plus 1 KiB for frame headers and control frames). A single outbound
+    /// message larger than this is refused by
     /// [`Sender::send`](crate::Sender::send).
     ///
     /// # Default
@@ -366,6 +369,9 @@ impl ConfigBuilder {
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
+            }
+            if value > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong(name));
             }
         }
         let ping_jitter = self.ping_jitter.unwrap_or(self.ping_interval / 10);
@@ -417,8 +423,16 @@ impl ConfigBuilder {
     }
 }
 
-/// Smallest accepted write-buffer limit: room for a few control frames.
+/// Smallest accepted write-buffer limit.
 const MIN_WRITE_BUFFER: usize = 1024;
+
+/// Bytes the write buffer may hold beyond the limit: a data frame's header
+/// plus the control frames queued behind it.
+pub(crate) const CONTROL_HEADROOM: usize = 1024;
+
+/// Longest accepted duration: far beyond any sane setting, and small enough
+/// that deadline arithmetic never overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why [`ConfigBuilder::build`] refused a combination of settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,6 +440,8 @@ const MIN_WRITE_BUFFER: usize = 1024;
 pub enum ConfigError {
     /// A duration that must be positive was zero; names the setting.
     ZeroDuration(&'static str),
+    /// A duration exceeded [`MAX_DURATION`] (a week); names the setting.
+    DurationTooLong(&'static str),
     /// A size that must be positive was zero; names the setting.
     ZeroSize(&'static str),
     /// The ping jitter exceeds the ping interval.
@@ -455,6 +471,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::ZeroDuration(name) => write!(f, "{name} must be greater than zero"),
+            Self::DurationTooLong(name) => write!(f, "{name} must not exceed one week"),
             Self::ZeroSize(name) => write!(f, "{name} must be greater than zero"),
             Self::JitterAboveInterval { jitter, interval } => write!(
                 f,
@@ -490,7 +507,7 @@ mod tests {
         assert_eq!(c.read_buffer_size(), 4096);
         assert_eq!(c.max_message_size(), 1 << 20);
         let ws = c.websocket_config();
-        assert_eq!(ws.max_write_buffer_size, 4 << 20);
+        assert_eq!(ws.max_write_buffer_size, (4 << 20) + CONTROL_HEADROOM);
         assert_eq!(ws.max_message_size, Some(1 << 20));
     }
 
@@ -528,6 +545,10 @@ mod tests {
         assert!(matches!(
             b().write_buffer_limit(10).build(),
             Err(ConfigError::WriteBufferTooSmall { .. })
+        ));
+        assert!(matches!(
+            b().pong_timeout(Duration::MAX).build(),
+            Err(ConfigError::DurationTooLong("pong_timeout"))
         ));
         assert!(
             b().ping_interval(Duration::from_secs(1))

@@ -30,6 +30,9 @@ use crate::supervisor::{Inner, Slot};
 const BUDGET: usize = 32;
 /// Most application messages written between two flushes.
 const BATCH: usize = 16;
+/// Most passes that may keep reading after the pong deadline passed, before
+/// the timeout is declared anyway.
+const MAX_OVERDUE_READS: u32 = 64;
 
 /// One connection's task: owns the socket and wires the heartbeat, the close
 /// classification and the hooks together. Policy lives in those modules.
@@ -81,6 +84,14 @@ struct Core {
     stash: Option<(Message, PollSender<Message>)>,
     /// From the application's [`Sender`](crate::Sender)s.
     outbound: mpsc::Receiver<Command>,
+    /// `outbound` was closed on leaving [`Phase::Open`].
+    outbound_closed: bool,
+    /// The last read attempt found nothing buffered (or reading is paused):
+    /// a pong the peer already sent cannot be sitting unread.
+    read_idle: bool,
+    /// Passes in a row that found the pong deadline expired while inbound
+    /// frames were still being read (see `on_timers`).
+    overdue_reads: u32,
     /// Bytes were handed to tungstenite and not yet flushed.
     dirty: bool,
     /// Since when the write side has been blocked (`None`: it is not).
@@ -137,6 +148,9 @@ where
                 inbound,
                 stash: None,
                 outbound,
+                outbound_closed: false,
+                read_idle: true,
+                overdue_reads: 0,
                 dirty: false,
                 blocked_since: None,
                 outcome: None,
@@ -199,13 +213,16 @@ impl Core {
             let now = Instant::now();
             let mut progress = false;
 
-            if !matches!(self.phase, Phase::Draining { .. } | Phase::Done)
-                && shutdown.as_mut().poll(cx).is_ready()
-            {
+            if self.phase != Phase::Done && shutdown.as_mut().poll(cx).is_ready() {
                 self.on_shutdown(ws, now);
                 progress = true;
             }
-            if self.phase == Phase::Open && app_gone.as_mut().poll(cx).is_ready() {
+            // What the application queued before dropping its `Connection`
+            // (messages, a Close with its own code) goes out first.
+            if self.phase == Phase::Open
+                && self.outbound.is_empty()
+                && app_gone.as_mut().poll(cx).is_ready()
+            {
                 self.on_app_gone(ws, now);
                 progress = true;
             }
@@ -215,6 +232,11 @@ impl Core {
             progress |= self.poll_flush(cx, ws, now);
             progress |= self.on_timers(ws, now);
 
+            if self.phase != Phase::Open && !self.outbound_closed {
+                // Senders now get `is_closed` errors instead of a silent drop.
+                self.outbound.close();
+                self.outbound_closed = true;
+            }
             if self.phase == Phase::Done {
                 return Poll::Ready(());
             }
@@ -281,12 +303,20 @@ impl Core {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        // A stash pauses reading only while open: once closing we must read
+        // the peer's Close reply, and data is dropped from then on anyway.
+        let paused = self.stash.is_some() && self.phase == Phase::Open;
         let reading = matches!(self.phase, Phase::Open | Phase::Closing { .. });
-        if !reading || self.stash.is_some() {
+        self.read_idle = true;
+        if !reading || paused {
             return false;
         }
+        self.read_idle = false;
         match Pin::new(&mut *ws).poll_next(cx) {
-            Poll::Pending => false,
+            Poll::Pending => {
+                self.read_idle = true;
+                false
+            }
             Poll::Ready(Some(Ok(message))) => {
                 self.on_message(message, now);
                 true
@@ -418,7 +448,10 @@ impl Core {
                     self.on_write_error(e);
                     return true;
                 }
-                Poll::Ready(Ok(())) => self.blocked_since = None,
+                // Ready to take a message is not "flushed": tungstenite may
+                // still hold control frames it could not write.
+                Poll::Ready(Ok(())) if !self.dirty => self.blocked_since = None,
+                Poll::Ready(Ok(())) => {}
             }
             match self.outbound.poll_recv(cx) {
                 Poll::Ready(Some(Command::Send(message))) => {
@@ -573,7 +606,12 @@ impl Core {
                     until: until.min(deadline),
                 }
             }
-            Phase::Draining { .. } | Phase::Done => {}
+            Phase::Draining { until } => {
+                self.phase = Phase::Draining {
+                    until: until.min(deadline),
+                }
+            }
+            Phase::Done => {}
         }
     }
 
@@ -609,6 +647,17 @@ impl Core {
     {
         match self.phase {
             Phase::Open => {
+                if self.hb.is_expired(now)
+                    && !self.read_idle
+                    && self.overdue_reads < MAX_OVERDUE_READS
+                {
+                    // Frames are still waiting to be read, and the pong may
+                    // be among them: read on before blaming the peer (bounded,
+                    // so a flood cannot postpone the verdict forever).
+                    self.overdue_reads += 1;
+                    return false;
+                }
+                self.overdue_reads = 0;
                 if self.hb.is_expired(now) {
                     let silent = now.saturating_duration_since(self.hb.last_inbound());
                     self.inner.metrics.detection.record(secs(silent));
@@ -626,9 +675,19 @@ impl Core {
                     return true;
                 }
                 if let Some(payload) = self.hb.ping_due(now) {
-                    self.inner.metrics.pings_sent.increment(1);
-                    self.write(ws, Message::Ping(Bytes::copy_from_slice(&payload)));
-                    self.shared.publish(&self.hb.stats());
+                    let ping = Message::Ping(Bytes::copy_from_slice(&payload));
+                    match Pin::new(&mut *ws).start_send(ping) {
+                        Ok(()) => {
+                            self.dirty = true;
+                            self.hb.ping_sent(now);
+                            self.inner.metrics.pings_sent.increment(1);
+                            self.shared.publish(&self.hb.stats());
+                        }
+                        // Our write buffer is full: the write timeout judges
+                        // that; the peer is not held to a ping it never got.
+                        Err(WsError::WriteBufferFull(_)) => self.hb.ping_skipped(now),
+                        Err(e) => self.on_write_error(e),
+                    }
                     return true;
                 }
                 false
@@ -642,6 +701,9 @@ impl Core {
                 true
             }
             Phase::Draining { until } if now >= until => {
+                if self.is_shutting_down(now) {
+                    self.inner.forced.fetch_add(1, Relaxed);
+                }
                 self.phase = Phase::Done;
                 true
             }
@@ -690,9 +752,12 @@ impl Core {
             // A stalled application close becomes a timeout, and keeps the
             // text it sent.
             Some(previous) if previous.provisional && overrides => previous.text,
-            // Otherwise the first cause wins.
-            previous => {
-                self.outcome = previous;
+            // Otherwise the first cause wins; anything the peer does after
+            // an application close (its Close reply, EOF, a reset) ends the
+            // handshake and makes the application's reason final.
+            Some(mut previous) => {
+                previous.provisional = false;
+                self.outcome = Some(previous);
                 return;
             }
         };

@@ -130,23 +130,36 @@ impl Heartbeat {
         self.deadline().is_some_and(|d| now >= d)
     }
 
-    /// When a ping is due at `now`, records it as sent and returns its payload.
-    pub(crate) fn ping_due(&mut self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
-        if now < self.next_ping {
-            return None;
-        }
+    /// The payload of the next ping, if one is due at `now`. Nothing is
+    /// recorded until [`ping_sent`](Self::ping_sent) or
+    /// [`ping_skipped`](Self::ping_skipped).
+    pub(crate) fn ping_due(&self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
+        (now >= self.next_ping).then(|| (self.seq ^ self.key).to_be_bytes())
+    }
+
+    /// The due ping went out at `now`: it starts the deadline, if none runs.
+    pub(crate) fn ping_sent(&mut self, now: Instant) {
+        self.advance(now);
+        let seq = self.seq;
+        self.seq += 1;
+        self.sent_at[(seq % RING as u64) as usize] = now;
+        self.anchor.get_or_insert(now);
+        self.stats.pings_sent += 1;
+    }
+
+    /// The due ping could not be queued (our write side is full): the
+    /// schedule moves on, and the peer is not held to a ping it never got.
+    pub(crate) fn ping_skipped(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
+    fn advance(&mut self, now: Instant) {
         self.next_ping += self.interval;
         if self.next_ping <= now {
             // We were stalled past a whole interval: one ping now, and the
             // schedule restarts from here instead of bursting.
             self.next_ping = now + self.interval;
         }
-        let seq = self.seq;
-        self.seq += 1;
-        self.sent_at[(seq % RING as u64) as usize] = now;
-        self.anchor.get_or_insert(now);
-        self.stats.pings_sent += 1;
-        Some((seq ^ self.key).to_be_bytes())
     }
 
     /// Records a pong received at `now` with `payload`.
@@ -219,6 +232,13 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
 
+    /// Sends the due ping at `now`, as the driver does; `None` if none is due.
+    fn ping(h: &mut Heartbeat, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
+        let payload = h.ping_due(now)?;
+        h.ping_sent(now);
+        Some(payload)
+    }
+
     fn hb(now: Instant, timeout: Duration) -> Heartbeat {
         Heartbeat::new(now, S, timeout, Duration::ZERO, Liveness::Pong, 0xdead_beef)
     }
@@ -227,8 +247,8 @@ mod tests {
     fn first_ping_one_interval_after_open_with_phase() {
         let t0 = Instant::now();
         let mut h = Heartbeat::new(t0, S, S, 300 * MS, Liveness::Pong, 1);
-        assert!(h.ping_due(t0 + S).is_none());
-        assert!(h.ping_due(t0 + S + 300 * MS).is_some());
+        assert!(ping(&mut h, t0 + S).is_none());
+        assert!(ping(&mut h, t0 + S + 300 * MS).is_some());
         assert_eq!(h.next_wakeup(), t0 + 2 * S + 300 * MS);
     }
 
@@ -238,10 +258,10 @@ mod tests {
         let mut h = hb(t0, 10 * S);
         // Stalled for 5.5 intervals: one ping, then the next a full interval on.
         let late = t0 + 5 * S + 500 * MS;
-        assert!(h.ping_due(late).is_some());
-        assert!(h.ping_due(late).is_none());
-        assert!(h.ping_due(late + S - MS).is_none());
-        assert!(h.ping_due(late + S).is_some());
+        assert!(ping(&mut h, late).is_some());
+        assert!(ping(&mut h, late).is_none());
+        assert!(ping(&mut h, late + S - MS).is_none());
+        assert!(ping(&mut h, late + S).is_some());
         assert_eq!(h.stats().pings_sent, 2);
     }
 
@@ -251,8 +271,8 @@ mod tests {
         let mut h = hb(t0, 3 * S);
         assert_eq!(h.deadline(), None);
         let p1 = t0 + S;
-        h.ping_due(p1).unwrap();
-        h.ping_due(p1 + S).unwrap(); // a second ping does not move the deadline
+        ping(&mut h, p1).unwrap();
+        ping(&mut h, p1 + S).unwrap(); // a second ping does not move the deadline
         assert_eq!(h.deadline(), Some(p1 + 3 * S));
         assert!(!h.is_expired(p1 + 3 * S - MS));
         assert!(h.is_expired(p1 + 3 * S));
@@ -262,8 +282,8 @@ mod tests {
     fn matched_pong_measures_rtt_and_acknowledges_earlier_pings() {
         let t0 = Instant::now();
         let mut h = hb(t0, 3 * S);
-        let first = h.ping_due(t0 + S).unwrap();
-        let second = h.ping_due(t0 + 2 * S).unwrap();
+        let first = ping(&mut h, t0 + S).unwrap();
+        let second = ping(&mut h, t0 + 2 * S).unwrap();
         let at = t0 + 2 * S + 120 * MS;
         assert_eq!(h.on_pong(at, &second), Pong::Matched(120 * MS));
         assert_eq!(h.deadline(), None);
@@ -281,7 +301,7 @@ mod tests {
     fn unsolicited_pong_is_liveness_not_rtt() {
         let t0 = Instant::now();
         let mut h = hb(t0, S);
-        h.ping_due(t0 + S).unwrap();
+        ping(&mut h, t0 + S).unwrap();
         assert_eq!(h.on_pong(t0 + S + 10 * MS, b"hello"), Pong::Unmatched);
         assert_eq!(h.deadline(), None);
         assert_eq!(h.stats().last_rtt, None);
@@ -292,9 +312,9 @@ mod tests {
     fn smoothed_rtt_is_an_ewma() {
         let t0 = Instant::now();
         let mut h = hb(t0, S);
-        let p = h.ping_due(t0 + S).unwrap();
+        let p = ping(&mut h, t0 + S).unwrap();
         h.on_pong(t0 + S + 80 * MS, &p);
-        let p = h.ping_due(t0 + 2 * S).unwrap();
+        let p = ping(&mut h, t0 + 2 * S).unwrap();
         h.on_pong(t0 + 2 * S + 160 * MS, &p);
         assert_eq!(h.stats().smoothed_rtt, Some(90 * MS));
         assert_eq!(h.stats().last_rtt, Some(160 * MS));
@@ -304,13 +324,13 @@ mod tests {
     fn liveness_policy_decides_whether_data_counts() {
         let t0 = Instant::now();
         let mut strict = hb(t0, S);
-        strict.ping_due(t0 + S).unwrap();
+        ping(&mut strict, t0 + S).unwrap();
         strict.on_frame(t0 + S + MS);
         assert!(strict.deadline().is_some(), "data is not a pong");
         assert_eq!(strict.last_inbound(), t0 + S + MS);
 
         let mut lenient = Heartbeat::new(t0, S, S, Duration::ZERO, Liveness::AnyFrame, 0);
-        lenient.ping_due(t0 + S).unwrap();
+        ping(&mut lenient, t0 + S).unwrap();
         lenient.on_frame(t0 + S + MS);
         assert_eq!(lenient.deadline(), None);
     }
@@ -319,7 +339,7 @@ mod tests {
     fn suspension_lifts_the_deadline_and_resume_grants_a_full_timeout() {
         let t0 = Instant::now();
         let mut h = hb(t0, S);
-        h.ping_due(t0 + S).unwrap();
+        ping(&mut h, t0 + S).unwrap();
         h.suspend();
         assert_eq!(h.deadline(), None);
         assert!(!h.is_expired(t0 + 10 * S));
@@ -328,11 +348,24 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_ping_moves_the_schedule_but_starts_no_deadline() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        assert!(h.ping_due(t0 + S).is_some());
+        h.ping_skipped(t0 + S);
+        assert_eq!(h.deadline(), None);
+        assert_eq!(h.stats().pings_sent, 0);
+        assert!(h.ping_due(t0 + S).is_none());
+        assert!(ping(&mut h, t0 + 2 * S).is_some());
+        assert_eq!(h.deadline(), Some(t0 + 3 * S));
+    }
+
+    #[test]
     fn payloads_are_unique_per_ping() {
         let t0 = Instant::now();
         let mut h = hb(t0, S);
-        let a = h.ping_due(t0 + S).unwrap();
-        let b = h.ping_due(t0 + 2 * S).unwrap();
+        let a = ping(&mut h, t0 + S).unwrap();
+        let b = ping(&mut h, t0 + 2 * S).unwrap();
         assert_ne!(a, b);
     }
 }

@@ -97,7 +97,7 @@ pub mod prometheus;
 mod supervisor;
 
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
-pub use config::{Config, ConfigBuilder, ConfigError, Liveness};
+pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
 pub use connection::{Connection, ConnectionId, Sender, Stats};
 pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;

@@ -495,3 +495,165 @@ async fn send_refuses_control_frames_and_oversized_messages() {
     );
     conn.send("fine").await.unwrap();
 }
+
+// ===== regressions found in review (each pins a bug that existed) =====
+
+/// Our full inbound queue must not stop us reading the peer's Close reply.
+#[tokio::test(start_paused = true)]
+async fn normal__application_close_while_inbound_queue_full() {
+    let config = Config::builder()
+        .inbound_queue(NonZeroUsize::new(1).unwrap())
+        .close_timeout(2 * SEC)
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, mut peer) = accept_ws(&sup).await;
+    // One message fills the queue, the next is held back: reading pauses.
+    peer.send(Message::text("a")).await.unwrap();
+    peer.send(Message::text("b")).await.unwrap();
+    sleep(10 * MS).await;
+    conn.close(CloseCode::Normal, "bye").await.unwrap();
+    let client = tokio::spawn(async move { while let Some(Ok(_)) = peer.next().await {} });
+    let event = conn.closed().await;
+    client.await.unwrap();
+    assert_reason(&event, R::Normal, Local);
+    assert_eq!(event.code_received, Some(CloseCode::Normal));
+}
+
+/// Close codes a peer must never send are answered with 1002.
+#[tokio::test(start_paused = true)]
+async fn protocol_error__peer_close_codes_reserved_or_invalid() {
+    for code in [999u16, 1004, 1005, 2000] {
+        let (sup, _events) = supervisor(Config::default());
+        let (conn, mut peer) = accept_raw(&sup).await;
+        peer.close(code, "").await;
+        let reply = peer.read_until(OP_CLOSE).await.unwrap();
+        assert_eq!(reply.close_code(), Some(1002), "code {code}");
+        assert_reason(&conn.closed().await, R::ProtocolError, Remote);
+    }
+}
+
+/// A client's Close answered by the server is final even if the server
+/// keeps TCP open past the close timeout.
+#[tokio::test(start_paused = true)]
+async fn normal__client_close_answered_while_server_lingers() {
+    let config = Config::builder().close_timeout(2 * SEC).build().unwrap();
+    let (sup, _events) = supervisor(config);
+    let (a, b) = tokio::io::duplex(PIPE);
+    let (client, server) = tokio::join!(
+        tokio_tungstenite::client_async("ws://localhost/", a),
+        tokio_tungstenite::accept_async(b)
+    );
+    let (client, mut server) = (client.unwrap().0, server.unwrap());
+    let conn = sup.supervise(client, None).await.unwrap();
+    let lingering_server = tokio::spawn(async move {
+        while let Some(Ok(_)) = server.next().await {}
+        sleep(3 * SEC).await;
+    });
+    conn.close(CloseCode::Normal, "bye").await.unwrap();
+    let event = conn.closed().await;
+    assert_eq!(event.code_received, Some(CloseCode::Normal));
+    assert_reason(&event, R::Normal, Local);
+    lingering_server.await.unwrap();
+}
+
+/// `close(code)` then dropping the `Connection`: the application's own code goes out.
+#[tokio::test(start_paused = true)]
+async fn going_away__application_close_then_drop_keeps_its_code() {
+    let (sup, _events) = supervisor(Config::default());
+    let (conn, mut peer) = accept_ws(&sup).await;
+    conn.close(CloseCode::Away, "maintenance").await.unwrap();
+    drop(conn);
+    let mut first = None;
+    while let Some(Ok(m)) = peer.next().await {
+        if let Message::Close(f) = m {
+            first.get_or_insert(f.map(|f| (f.code, f.reason.to_string())));
+        }
+    }
+    assert_eq!(
+        first,
+        Some(Some((CloseCode::Away, "maintenance".to_owned())))
+    );
+}
+
+/// `send` then dropping the `Connection`: the message is delivered first.
+#[tokio::test(start_paused = true)]
+async fn normal__queued_message_goes_out_before_the_drop_close() {
+    let (sup, events) = supervisor(Config::default());
+    let (conn, mut peer) = accept_ws(&sup).await;
+    conn.send("last words").await.unwrap();
+    drop(conn);
+    let mut texts = Vec::new();
+    while let Some(Ok(m)) = peer.next().await {
+        if m.is_text() {
+            texts.push(m.into_text().unwrap().to_string());
+        }
+    }
+    assert_eq!(texts, ["last words"]);
+    while events.len() == 0 {
+        sleep(MS).await;
+    }
+    assert_reason(&events.only(), R::Normal, Local);
+}
+
+/// A message of exactly the write-buffer limit is delivered, not fatal.
+#[tokio::test(start_paused = true)]
+async fn send_at_the_write_buffer_limit_is_delivered() {
+    let config = Config::builder().write_buffer_limit(4096).build().unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, mut peer) = accept_ws(&sup).await;
+    conn.send(vec![7u8; 4096]).await.unwrap();
+    let got = peer.next().await.unwrap().unwrap();
+    assert_eq!(got.len(), 4096);
+    assert!(conn.close_event().is_none());
+}
+
+/// Once closing, `send` says so instead of dropping the message silently.
+#[tokio::test(start_paused = true)]
+async fn send_after_close_is_refused_as_closed() {
+    let (sup, _events) = supervisor(Config::default());
+    let (conn, peer) = accept_raw(&sup).await;
+    let sender = conn.sender();
+    conn.close(CloseCode::Normal, "").await.unwrap();
+    let drained = tokio::spawn(peer.drain());
+    while !sender.is_closed() {
+        sleep(MS).await;
+    }
+    assert!(sender.send("too late").await.unwrap_err().is_closed());
+    conn.closed().await;
+    drained.await.unwrap();
+}
+
+/// Pong replies that cannot be written (the peer pings but never reads)
+/// are a write stall: detected within the write timeout, not at our next ping.
+#[tokio::test(start_paused = true)]
+async fn timeout__write_stalled_by_pong_replies() {
+    let config = heartbeat(60 * SEC, 10 * SEC)
+        .write_timeout(5 * SEC)
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, peer) = accept_raw_with(&sup, 256).await;
+    let (_reader, mut writer) = (peer.reader, peer.writer);
+    let started = Instant::now();
+    let pinger = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if writer
+                .write_all(&encode(true, OP_PING, &[0u8; 100], true))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sleep(100 * MS).await;
+        }
+    });
+    let event = conn.closed().await;
+    let took = Instant::now() - started;
+    pinger.abort();
+    assert_reason(&event, R::Timeout, Local);
+    assert!(
+        took <= 5 * SEC + 200 * MS,
+        "write stall detected after {took:?}"
+    );
+}

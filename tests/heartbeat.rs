@@ -307,3 +307,34 @@ async fn jitter_spreads_first_pings_within_bound() {
     firsts.dedup();
     assert!(firsts.len() > 10, "phases are not spread: {firsts:?}");
 }
+
+/// Pins a bug found in review: when the deadline timer and a burst of data
+/// with the pong at its end arrived together, the timeout was declared after
+/// reading the first message, before the pong was read.
+#[tokio::test(start_paused = true)]
+async fn a_pong_queued_behind_data_at_the_deadline_is_read_first() {
+    let config = heartbeat(SEC, SEC)
+        .liveness(Liveness::Pong)
+        .inbound_queue(std::num::NonZeroUsize::new(64).unwrap())
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, mut peer) = accept_raw(&sup).await;
+    let ping = peer.read_until(OP_PING).await.unwrap();
+    let sent = Instant::now();
+    // Exactly at the deadline, 50 data frames and then the pong, in one write.
+    sleep(SEC).await;
+    let mut burst = Vec::new();
+    for i in 0..50u8 {
+        burst.extend(encode(true, OP_BINARY, &[i; 100], true));
+    }
+    burst.extend(encode(true, OP_PONG, &ping.payload, true));
+    {
+        use tokio::io::AsyncWriteExt;
+        peer.writer.write_all(&burst).await.unwrap();
+    }
+    assert_eq!(Instant::now() - sent, SEC);
+    sleep(10 * MS).await;
+    assert!(conn.close_event().is_none(), "{:#?}", conn.close_event());
+    assert_eq!(conn.stats().pongs_received, 1);
+}

@@ -274,3 +274,53 @@ async fn exactly_once_for_1200_concurrent_random_endings() {
     assert_eq!(sup.hook_panics(), panicked);
     assert!(sup.is_empty());
 }
+
+/// Pins a bug found in review: a full inbound queue kept us from reading
+/// the 1001 reply, so a cooperative client was forced at the end of grace.
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_a_full_inbound_queue_is_not_forced() {
+    let config = Config::builder()
+        .inbound_queue(std::num::NonZeroUsize::new(1).unwrap())
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (_conn, mut peer) = accept_ws(&sup).await;
+    futures::SinkExt::send(&mut peer, Message::text("a"))
+        .await
+        .unwrap();
+    futures::SinkExt::send(&mut peer, Message::text("b"))
+        .await
+        .unwrap();
+    tokio::time::sleep(10 * MS).await;
+    let client = tokio::spawn(async move { while let Some(Ok(_)) = peer.next().await {} });
+    let started = Instant::now();
+    let summary = sup.shutdown(5 * SEC).await;
+    client.await.unwrap();
+    assert_eq!(summary.forced(), 0, "{summary}");
+    assert_eq!(
+        Instant::now(),
+        started,
+        "no wait for a peer that answered at once"
+    );
+}
+
+/// Pins a bug found in review: a connection flushing its timeout Close
+/// ignored the shutdown's grace and waited for the whole write timeout.
+#[tokio::test(start_paused = true)]
+async fn shutdown_grace_caps_a_connection_still_flushing_its_close() {
+    let config = heartbeat(SEC, SEC).write_timeout(30 * SEC).build().unwrap();
+    let (sup, events) = supervisor(config);
+    // A 12-byte pipe and a peer that never reads: the ping fits, the 1011 Close does not.
+    let (_conn, _peer) = accept_raw_with(&sup, 12).await;
+    tokio::time::sleep(2 * SEC + 100 * MS).await;
+    assert_eq!(events.len(), 0, "still flushing its Close");
+    let started = Instant::now();
+    let summary = sup.shutdown(SEC).await;
+    assert_eq!(Instant::now() - started, SEC, "{summary}");
+    assert_eq!(summary.forced(), 1);
+    assert_eq!(
+        summary.count(CloseReason::Timeout),
+        1,
+        "the first cause stays"
+    );
+}
