@@ -70,8 +70,21 @@
 //! * [`CloseHook`] (`hook.rs`): exactly-once hooks with panic containment.
 //! * [`Error`] (`error.rs`): handshake and send errors.
 //!
+//! * [`metrics`] (`metrics.rs`): metric names, descriptions and the handles
+//!   emitted through the `metrics` facade; [`prometheus`] (`prometheus.rs`):
+//!   the optional exporter helper.
+//!
 //! Behaviour in depth lives in `docs/`: `keepalive.md` (the heartbeat
-//! rules and the detection bound) and `close-reasons.md` (the table).
+//! rules and the detection bound), `close-reasons.md` (the table),
+//! `metrics.md` (the catalog) and `operations.md` (dashboard, alerts).
+//!
+//! ## Features
+//!
+//! * `prometheus` (default): [`prometheus::install`] serves the metrics over
+//!   HTTP with the recommended histogram buckets, through
+//!   `metrics-exporter-prometheus` (HTTP listener only, no push gateway or
+//!   TLS). Without it the crate still emits through the `metrics` facade to
+//!   whatever recorder the application installs.
 
 #![warn(
     missing_docs,
