@@ -116,7 +116,7 @@ impl Config {
     pub const fn max_frame_size(&self) -> usize {
         self.max_frame_size
     }
-    /// Capacity of each connection's read buffer, in bytes.
+    /// Most bytes read from the socket in one system call.
     pub const fn read_buffer_size(&self) -> usize {
         self.read_buffer_size
     }
@@ -133,10 +133,12 @@ impl Config {
         self.outbound_queue
     }
 
-    /// The tungstenite settings these knobs translate to.
+    /// The tungstenite settings these knobs translate to, for connections
+    /// whose transport the supervisor wraps in its own read layer
+    /// (`transport.rs`), which does the large reads.
     pub(crate) fn websocket_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_size)
+            .read_buffer_size(crate::transport::TUNGSTENITE_READ_BUFFER)
             // Write each message straight to the socket: the driver flushes
             // after every batch anyway, and a staging buffer per idle
             // connection is memory we do not want to hold.
@@ -310,11 +312,17 @@ impl ConfigBuilder {
         self
     }
 
-    /// Capacity of each connection's read buffer in bytes (allocated when
-    /// the connection opens).
+    /// Most bytes read from the socket in one system call (at most 64 KiB).
+    ///
+    /// For connections made by [`accept`](crate::Supervisor::accept) and
+    /// [`connect`](crate::Supervisor::connect), the read buffer lives on the
+    /// stack during a read; only bytes not yet parsed are kept on the heap,
+    /// and an idle connection keeps none. (A stream given to
+    /// [`supervise`](crate::Supervisor::supervise) keeps its own config.)
     ///
     /// # Default
-    /// 4 KiB (tungstenite's 128 KiB costs 128 KiB per idle connection).
+    /// 4 KiB. tungstenite's own default allocates 128 KiB per connection up
+    /// front and zero-fills it on every read.
     pub const fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.read_buffer_size = bytes;
         self
@@ -391,6 +399,12 @@ impl ConfigBuilder {
                 return Err(ConfigError::ZeroSize(name));
             }
         }
+        if self.read_buffer_size > crate::transport::CHUNK {
+            return Err(ConfigError::ReadBufferTooLarge {
+                size: self.read_buffer_size,
+                max: crate::transport::CHUNK,
+            });
+        }
         if self.max_frame_size > self.max_message_size {
             return Err(ConfigError::FrameAboveMessage {
                 frame: self.max_frame_size,
@@ -458,6 +472,13 @@ pub enum ConfigError {
         /// `max_message_size`.
         message: usize,
     },
+    /// The read buffer exceeds the largest supported (64 KiB).
+    ReadBufferTooLarge {
+        /// `read_buffer_size`.
+        size: usize,
+        /// The largest accepted.
+        max: usize,
+    },
     /// The write-buffer limit cannot hold control frames.
     WriteBufferTooSmall {
         /// The limit asked for.
@@ -481,6 +502,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "max_frame_size ({frame}) must not exceed max_message_size ({message})"
             ),
+            Self::ReadBufferTooLarge { size, max } => {
+                write!(f, "read_buffer_size ({size}) must not exceed {max} bytes")
+            }
             Self::WriteBufferTooSmall { limit, min } => {
                 write!(
                     f,
@@ -545,6 +569,10 @@ mod tests {
         assert!(matches!(
             b().write_buffer_limit(10).build(),
             Err(ConfigError::WriteBufferTooSmall { .. })
+        ));
+        assert!(matches!(
+            b().read_buffer_size(1 << 20).build(),
+            Err(ConfigError::ReadBufferTooLarge { .. })
         ));
         assert!(matches!(
             b().pong_timeout(Duration::MAX).build(),

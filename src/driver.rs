@@ -129,6 +129,7 @@ where
             jitter.mul_f64(inner.random(id, 0) as f64 / (u64::MAX as f64 + 1.0))
         };
         let hb = Heartbeat::new(
+            inner.epoch,
             shared.opened,
             config.ping_interval(),
             config.pong_timeout(),

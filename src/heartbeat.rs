@@ -10,15 +10,36 @@ use crate::config::Liveness;
 /// an older ping still counts as liveness, just not as an RTT sample.
 const RING: usize = 4;
 
+/// Pings are aligned to slots of `interval / SLOTS` (at least 1 ms).
+pub(crate) const SLOTS: u32 = 64;
+
+/// The slot length for `interval`.
+pub(crate) fn slot(interval: Duration) -> Duration {
+    (interval / SLOTS).max(Duration::from_millis(1))
+}
+
+/// The first ping time `at` or later that falls on a slot boundary counted
+/// from `epoch`. Connections of one supervisor then ping in shared slots, so
+/// one timer wake-up serves many of them instead of one each; the random
+/// phase still spreads them over the interval's `SLOTS` slots.
+fn align(epoch: Instant, at: Instant, slot: Duration) -> Instant {
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let slot_ns = slot.as_nanos();
+    let slots = since.div_ceil(slot_ns);
+    // Durations here are at most a week (`MAX_DURATION`): no overflow.
+    epoch + Duration::from_nanos((slots * slot_ns) as u64)
+}
+
 /// One connection's heartbeat: when to ping, when the peer is overdue, and
 /// what its pongs say about the round trip.
 ///
 /// Pure state: every method takes the current [`Instant`], so it is tested
 /// without sockets or timers. The schedule (see `docs/keepalive.md`):
 ///
-/// * pings at `open + interval + phase`, then every `interval`; a ping that
-///   comes due late (the task was stalled) goes out once, and the next one
-///   is an interval after it: missed pings never burst;
+/// * the first ping at `open + interval + phase`, moved up to the next slot
+///   boundary (see [`align`]), then every `interval`; a ping that comes due
+///   late (the task was stalled) goes out once, and the next one is an
+///   interval after it: missed pings never burst;
 /// * a *liveness event* at `t` (a pong, or any frame under
 ///   [`Liveness::AnyFrame`]) answers every ping sent up to `t`;
 /// * the deadline is `first unanswered ping + timeout`;
@@ -79,8 +100,11 @@ pub(crate) const PAYLOAD_LEN: usize = 8;
 
 impl Heartbeat {
     /// A heartbeat for a connection opened at `now`; `phase` (at most the
-    /// configured jitter) shifts the whole schedule, and `key` masks nonces.
+    /// configured jitter) shifts the whole schedule, pings fall on slots
+    /// counted from `epoch`, and `key` masks nonces.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        epoch: Instant,
         now: Instant,
         interval: Duration,
         timeout: Duration,
@@ -93,7 +117,7 @@ impl Heartbeat {
             timeout,
             liveness,
             key,
-            next_ping: now + interval + phase,
+            next_ping: align(epoch, now + interval + phase, slot(interval)),
             seq: 0,
             unacked: 0,
             sent_at: [now; RING],
@@ -240,16 +264,49 @@ mod tests {
     }
 
     fn hb(now: Instant, timeout: Duration) -> Heartbeat {
-        Heartbeat::new(now, S, timeout, Duration::ZERO, Liveness::Pong, 0xdead_beef)
+        Heartbeat::new(
+            now,
+            now,
+            S,
+            timeout,
+            Duration::ZERO,
+            Liveness::Pong,
+            0xdead_beef,
+        )
+    }
+
+    #[test]
+    fn first_pings_fall_on_shared_slots() {
+        let epoch = Instant::now();
+        let slot = slot(S);
+        assert_eq!(slot, S / 64);
+        // Opened 3 ms after the epoch: the first ping moves to the next slot.
+        let h = Heartbeat::new(
+            epoch,
+            epoch + 3 * MS,
+            S,
+            S,
+            Duration::ZERO,
+            Liveness::Pong,
+            0,
+        );
+        assert_eq!(h.next_wakeup(), epoch + S + slot);
+        // On a boundary already: unchanged.
+        let h = Heartbeat::new(epoch, epoch + slot, S, S, Duration::ZERO, Liveness::Pong, 0);
+        assert_eq!(h.next_wakeup(), epoch + S + slot);
+        // Short intervals keep a 1 ms floor.
+        assert_eq!(super::slot(10 * MS), MS);
     }
 
     #[test]
     fn first_ping_one_interval_after_open_with_phase() {
         let t0 = Instant::now();
-        let mut h = Heartbeat::new(t0, S, S, 300 * MS, Liveness::Pong, 1);
-        assert!(ping(&mut h, t0 + S).is_none());
-        assert!(ping(&mut h, t0 + S + 300 * MS).is_some());
-        assert_eq!(h.next_wakeup(), t0 + 2 * S + 300 * MS);
+        let mut h = Heartbeat::new(t0, t0, S, S, 15 * slot(S) + MS, Liveness::Pong, 1);
+        let phase = 16 * slot(S);
+        // The phase rounds up to the next slot boundary.
+        assert!(ping(&mut h, t0 + S + phase - MS).is_none());
+        assert!(ping(&mut h, t0 + S + phase).is_some());
+        assert_eq!(h.next_wakeup(), t0 + 2 * S + phase);
     }
 
     #[test]
@@ -329,7 +386,7 @@ mod tests {
         assert!(strict.deadline().is_some(), "data is not a pong");
         assert_eq!(strict.last_inbound(), t0 + S + MS);
 
-        let mut lenient = Heartbeat::new(t0, S, S, Duration::ZERO, Liveness::AnyFrame, 0);
+        let mut lenient = Heartbeat::new(t0, t0, S, S, Duration::ZERO, Liveness::AnyFrame, 0);
         ping(&mut lenient, t0 + S).unwrap();
         lenient.on_frame(t0 + S + MS);
         assert_eq!(lenient.deadline(), None);

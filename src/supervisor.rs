@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::UrlError;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, NoCallback, Request, Response,
 };
@@ -21,7 +23,6 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,6 +33,7 @@ use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
 use crate::metrics::Metrics;
+use crate::transport::Transport;
 
 /// Supervises WebSocket connections: pings each peer on a schedule, holds it
 /// to a pong deadline, and runs the close hooks exactly once per connection
@@ -119,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Random per supervisor: mixes ids into ping phases and nonce keys.
     seed: RandomState,
+    /// Origin of the ping slots of every connection (see `heartbeat.rs`).
+    pub(crate) epoch: Instant,
 }
 
 impl Inner {
@@ -194,6 +198,7 @@ impl SupervisorBuilder {
                 hook_panics: AtomicU64::new(0),
                 metrics: Metrics::register(&self.labels),
                 seed: RandomState::new(),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -292,7 +297,9 @@ impl Supervisor {
 
     /// Opens a supervised client connection to a `ws://` URL (or a full
     /// request, for custom headers) within the handshake timeout. The
-    /// heartbeat is the same as on the server side.
+    /// heartbeat is the same as on the server side. For `wss://`, do the TLS
+    /// handshake yourself (e.g. `tokio_tungstenite::connect_async_tls_with_config`)
+    /// and hand the stream to [`supervise`](Self::supervise).
     ///
     /// # Errors
     /// A handshake error: [`HandshakeFailure::Timeout`], `Io` (could not
@@ -309,24 +316,41 @@ impl Supervisor {
         let slot = self
             .reserve()
             .map_err(|cause| self.inner.fail_handshake(cause, None))?;
-        let config = self.inner.config.websocket_config();
-        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-        let ws = match tokio::time::timeout(self.inner.config.handshake_timeout(), handshake).await
-        {
-            Err(_) => return Err(self.inner.fail_handshake(HandshakeFailure::Timeout, None)),
-            Ok(Err(e)) => {
-                let cause = match e {
-                    WsError::Io(_) => HandshakeFailure::Io,
-                    _ => HandshakeFailure::Protocol,
-                };
-                return Err(self.inner.fail_handshake(cause, Some(e)));
+        let inner = &self.inner;
+        let handshake = async {
+            let request = request.into_client_request()?;
+            let uri = request.uri();
+            if uri.scheme_str() != Some("ws") {
+                return Err(WsError::Url(UrlError::UnsupportedUrlScheme));
             }
-            Ok(Ok((ws, _response))) => ws,
+            let host = uri.host().ok_or(WsError::Url(UrlError::NoHostName))?;
+            // `[::1]` in a URI is `::1` to the resolver.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let peer_addr = tcp.peer_addr().ok();
+            let stream = Transport::new(tcp, inner.config.read_buffer_size());
+            let config = inner.config.websocket_config();
+            let (ws, _response) =
+                tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+            Ok((ws, peer_addr))
         };
-        let peer_addr = match ws.get_ref() {
-            MaybeTlsStream::Plain(tcp) => tcp.peer_addr().ok(),
-            _ => None,
-        };
+        let (ws, peer_addr) =
+            match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
+                Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
+                Ok(Err(e)) => {
+                    let cause = match e {
+                        WsError::Io(_) => HandshakeFailure::Io,
+                        _ => HandshakeFailure::Protocol,
+                    };
+                    return Err(inner.fail_handshake(cause, Some(e)));
+                }
+                Ok(Ok(connected)) => connected,
+            };
         self.register(ws, peer_addr, slot)
     }
 
@@ -578,8 +602,9 @@ where
                 refuse,
             };
             let config = inner.config.websocket_config();
+            let stream = Transport::new(self.stream, inner.config.read_buffer_size());
             let handshake =
-                tokio_tungstenite::accept_hdr_async_with_config(self.stream, gate, Some(config));
+                tokio_tungstenite::accept_hdr_async_with_config(stream, gate, Some(config));
             let ws = match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
                 Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
                 Ok(Err(e)) => {

@@ -223,7 +223,12 @@ async fn traffic_moves_the_right_series() {
     assert!(rtt.iter().all(|&s| (0.050..0.051).contains(&s)), "{rtt:?}");
     let detection = snap.histogram(names::DETECTION);
     assert_eq!(detection.len(), 1);
-    assert!((2.0..2.01).contains(&detection[0]), "{detection:?}");
+    // interval + timeout, plus at most one ping slot (interval / 64): this
+    // connection opened off a slot boundary.
+    assert!(
+        (2.0..=2.0 + 1.0 / 64.0 + 0.001).contains(&detection[0]),
+        "{detection:?}"
+    );
     assert_eq!(snap.histogram(names::LIFETIME).len(), 2);
     assert_eq!(snap.histogram(names::HOOK_DURATION).len(), 2);
     assert_eq!(snap.gauge(names::CONNECTIONS), 0.0);

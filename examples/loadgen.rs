@@ -1,0 +1,493 @@
+//! Load generator for the benchmarks: starts one `bench_server` process,
+//! drives it over loopback from this process (sockets spread over several
+//! 127.0.0.x source addresses), reads the server's RSS and CPU time from
+//! /proc, and prints one JSON line. `benches/run` runs the whole matrix.
+//!
+//! ```text
+//! cargo build --release --examples
+//! target/release/examples/loadgen --server target/release/examples/bench_server \
+//!     --kind supervisor --scenario idle --conns 10000
+//! ```
+//!
+//! Scenarios:
+//!
+//! * `idle` — N connections that only answer pings; over a fixed window:
+//!   server RSS per connection (RSS with N minus RSS with 0), server CPU per
+//!   heartbeat (pings the clients actually answered), connections wrongly
+//!   closed.
+//! * `detection` — N connections, M of them go silent (TCP open, reading,
+//!   never answering); for each silent one, the time from its first
+//!   unanswered ping to the server's close; false kills among the rest.
+//! * `echo` — 64 connections in a closed loop of 128-byte text messages:
+//!   round trips per second and server CPU per round trip.
+//!
+//! The clients are minimal hand-written WebSocket clients (this file), so
+//! the generator costs little and measures only the server.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Mutex;
+use tokio::time::{Instant, sleep, timeout};
+
+#[derive(Debug, Clone)]
+struct Args {
+    server: String,
+    kind: String,
+    scenario: String,
+    conns: usize,
+    silent: usize,
+    window: Duration,
+    interval_ms: u64,
+    timeout_ms: u64,
+    server_cpu: Option<String>,
+    sources: u8,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        server: String::new(),
+        kind: "supervisor".into(),
+        scenario: "idle".into(),
+        conns: 1000,
+        silent: 100,
+        window: Duration::from_secs(10),
+        interval_ms: 1000,
+        timeout_ms: 1000,
+        server_cpu: None,
+        sources: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--server" => a.server = v,
+            "--kind" => a.kind = v,
+            "--scenario" => a.scenario = v,
+            "--conns" => a.conns = num(&v)? as usize,
+            "--silent" => a.silent = num(&v)? as usize,
+            "--window-s" => a.window = Duration::from_secs(num(&v)?),
+            "--interval-ms" => a.interval_ms = num(&v)?,
+            "--timeout-ms" => a.timeout_ms = num(&v)?,
+            "--server-cpu" => a.server_cpu = Some(v),
+            "--sources" => a.sources = num(&v)?.clamp(1, 200) as u8,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if a.server.is_empty() {
+        return Err("--server PATH is required".into());
+    }
+    Ok(a)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut server = Server::start(&args).await;
+    let result = match args.scenario.as_str() {
+        "idle" => idle(&args, &server).await,
+        "detection" => detection(&args, &server).await,
+        "echo" => echo(&args, &server).await,
+        other => {
+            eprintln!("loadgen: unknown scenario {other}");
+            std::process::exit(2);
+        }
+    };
+    server.stop();
+    println!("{result}");
+}
+
+// ===== the server process =====
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn start(args: &Args) -> Self {
+        let mut command = match &args.server_cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpu, &args.server]);
+                c
+            }
+            None => Command::new(&args.server),
+        };
+        command
+            .args(["--kind", &args.kind])
+            .args(["--ping-interval-ms", &args.interval_ms.to_string()])
+            .args(["--pong-timeout-ms", &args.timeout_ms.to_string()])
+            .stdout(Stdio::piped());
+        let mut child = command.spawn().expect("start bench_server");
+        let stdout = child.stdout.take().expect("piped");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            io::BufRead::read_line(&mut io::BufReader::new(stdout), &mut line).map(|_| line)
+        })
+        .await
+        .expect("join")
+        .expect("server output");
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected server output: {line:?}"));
+        // Let the runtime settle before the zero-connection reading.
+        sleep(Duration::from_millis(500)).await;
+        Server { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time of every thread, nanoseconds (schedstat is exact, unlike ticks).
+    fn cpu_ns(&self) -> u64 {
+        let dir = format!("/proc/{}/task", self.pid());
+        std::fs::read_dir(dir)
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                    .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ===== a minimal WebSocket client =====
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+struct Client {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(server: SocketAddr, source: IpAddr) -> io::Result<Self> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = socket.connect(server).await?;
+        tcp.set_nodelay(true)?;
+        let (reader, mut writer) = tcp.into_split();
+        let mut reader = BufReader::with_capacity(1024, reader);
+        writer
+            .write_all(
+                format!(
+                    "GET / HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let mut status = String::new();
+        reader.read_line(&mut status).await?;
+        if !status.starts_with("HTTP/1.1 101") {
+            return Err(io::Error::other(format!("not upgraded: {status}")));
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        Ok(Client { reader, writer })
+    }
+
+    /// The next frame: (opcode, payload); `None` at EOF.
+    async fn read(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
+        let mut head = [0u8; 2];
+        match self.reader.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let len = match head[1] & 0x7f {
+            126 => self.reader.read_u16().await? as usize,
+            127 => self.reader.read_u64().await? as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0; len];
+        self.reader.read_exact(&mut payload).await?;
+        Ok(Some((head[0] & 0x0f, payload)))
+    }
+
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut frame = Vec::with_capacity(payload.len() + 14);
+        frame.push(0x80 | opcode);
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        // A zero mask: valid, and the payload goes out as is.
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        self.writer.write_all(&frame).await
+    }
+}
+
+/// Source address `i` of the `k` used: 127.0.0.2, 127.0.0.3, …
+fn source(i: usize, k: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % k as usize) as u8))
+}
+
+/// Opens `n` connections, `parallel` handshakes at a time.
+async fn open(args: &Args, server: &Server, n: usize) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(n);
+    let parallel = 200;
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<_> = (i..(i + parallel).min(n))
+            .map(|j| Client::connect(server.addr, source(j, args.sources)))
+            .collect();
+        for result in futures::future::join_all(batch).await {
+            clients.push(result.expect("connect"));
+        }
+        i += parallel;
+    }
+    clients
+}
+
+/// Counters the client tasks share with the scenario.
+#[derive(Default)]
+struct Shared {
+    /// Pings answered (all clients).
+    pongs: AtomicU64,
+    /// Connections the server closed.
+    closed: AtomicU64,
+    /// Set: silent clients stop answering from their next ping on.
+    silent: AtomicBool,
+    /// Detection samples, seconds, of silent clients.
+    samples: Mutex<Vec<f64>>,
+    /// Closes of clients that were not silent.
+    false_kills: AtomicU64,
+}
+
+/// Answers pings until the server closes; a `silent` client stops
+/// answering once `shared.silent` is set, and records its detection time.
+async fn ping_answerer(mut client: Client, shared: Arc<Shared>, can_go_silent: bool) {
+    let mut first_unanswered: Option<Instant> = None;
+    loop {
+        match client.read().await {
+            Ok(Some((OP_PING, payload))) => {
+                if can_go_silent && shared.silent.load(Relaxed) {
+                    first_unanswered.get_or_insert_with(Instant::now);
+                    continue;
+                }
+                if client.send(OP_PONG, &payload).await.is_err() {
+                    break;
+                }
+                shared.pongs.fetch_add(1, Relaxed);
+            }
+            Ok(Some((OP_CLOSE, _))) | Ok(None) | Err(_) => break,
+            Ok(Some(_)) => {}
+        }
+    }
+    shared.closed.fetch_add(1, Relaxed);
+    match first_unanswered {
+        Some(at) => shared.samples.lock().await.push(at.elapsed().as_secs_f64()),
+        None => {
+            shared.false_kills.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn heartbeat_kind(kind: &str) -> bool {
+    kind != "raw"
+}
+
+// ===== scenarios =====
+
+async fn idle(args: &Args, server: &Server) -> String {
+    let rss_zero = server.rss_kib();
+    let shared = Arc::new(Shared::default());
+    let clients = open(args, server, args.conns).await;
+    for client in clients {
+        tokio::spawn(ping_answerer(client, shared.clone(), false));
+    }
+    // Settle: every connection has had its first pings.
+    sleep(Duration::from_millis(args.interval_ms * 2 + 1000)).await;
+    let (cpu0, pongs0, closed0) = (
+        server.cpu_ns(),
+        shared.pongs.load(Relaxed),
+        shared.closed.load(Relaxed),
+    );
+    let started = Instant::now();
+    sleep(args.window).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = server.cpu_ns() - cpu0;
+    let heartbeats = shared.pongs.load(Relaxed) - pongs0;
+    let rss = server.rss_kib();
+    let wrongly_closed = shared.closed.load(Relaxed);
+    let per_heartbeat = if heartbeat_kind(&args.kind) && heartbeats > 0 {
+        format!("{:.3}", cpu_ns as f64 / 1e3 / heartbeats as f64)
+    } else {
+        "null".into()
+    };
+    format!(
+        concat!(
+            r#"{{"scenario":"idle","kind":"{}","conns":{},"interval_ms":{},"timeout_ms":{},"#,
+            r#""rss_zero_kib":{},"rss_kib":{},"rss_per_conn_kib":{:.3},"window_s":{:.1},"#,
+            r#""cpu_ms":{:.1},"heartbeats":{},"cpu_us_per_heartbeat":{},"cpu_us_per_conn_s":{:.3},"#,
+            r#""wrongly_closed":{},"closed_during_window":{}}}"#
+        ),
+        args.kind,
+        args.conns,
+        args.interval_ms,
+        args.timeout_ms,
+        rss_zero,
+        rss,
+        (rss.saturating_sub(rss_zero)) as f64 / args.conns as f64,
+        elapsed,
+        cpu_ns as f64 / 1e6,
+        heartbeats,
+        per_heartbeat,
+        cpu_ns as f64 / 1e3 / args.conns as f64 / elapsed,
+        wrongly_closed,
+        wrongly_closed - closed0,
+    )
+}
+
+async fn detection(args: &Args, server: &Server) -> String {
+    let shared = Arc::new(Shared::default());
+    let clients = open(args, server, args.conns).await;
+    let silent = args.silent.min(args.conns);
+    for (i, client) in clients.into_iter().enumerate() {
+        tokio::spawn(ping_answerer(client, shared.clone(), i < silent));
+    }
+    sleep(Duration::from_millis(args.interval_ms * 2 + 1000)).await;
+    shared.silent.store(true, Relaxed);
+    // Bounded wait: every silent client should be closed well within this.
+    let bound = Duration::from_millis((args.interval_ms + args.timeout_ms) * 3 + 2000);
+    let _ = timeout(bound, async {
+        while shared.samples.lock().await.len() < silent {
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Watch the healthy ones a little longer for false kills.
+    sleep(Duration::from_millis(args.interval_ms * 2)).await;
+    let mut samples = shared.samples.lock().await.clone();
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> String {
+        if samples.is_empty() {
+            return "null".into();
+        }
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        format!("{:.1}", samples[i] * 1e3)
+    };
+    format!(
+        concat!(
+            r#"{{"scenario":"detection","kind":"{}","conns":{},"silent":{},"interval_ms":{},"timeout_ms":{},"#,
+            r#""detected":{},"p50_ms":{},"p99_ms":{},"max_ms":{},"false_kills":{}}}"#
+        ),
+        args.kind,
+        args.conns,
+        silent,
+        args.interval_ms,
+        args.timeout_ms,
+        samples.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+        shared.false_kills.load(Relaxed),
+    )
+}
+
+async fn echo(args: &Args, server: &Server) -> String {
+    let conns = 64;
+    let clients = open(args, server, conns).await;
+    let round_trips = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let message = [b'x'; 128];
+    sleep(Duration::from_millis(500)).await;
+    let cpu0 = server.cpu_ns();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        let (round_trips, stop) = (round_trips.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                if client.send(OP_TEXT, &message).await.is_err() {
+                    return;
+                }
+                loop {
+                    match client.read().await {
+                        Ok(Some((OP_TEXT, payload))) => {
+                            assert_eq!(payload.len(), message.len());
+                            break;
+                        }
+                        Ok(Some((OP_PING, p))) => {
+                            if client.send(OP_PONG, &p).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        _ => return,
+                    }
+                }
+                round_trips.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    sleep(args.window).await;
+    stop.store(true, Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = server.cpu_ns() - cpu0;
+    let n = round_trips.load(Relaxed);
+    for task in tasks {
+        let _ = timeout(Duration::from_secs(5), task).await;
+    }
+    format!(
+        concat!(
+            r#"{{"scenario":"echo","kind":"{}","conns":{},"message_bytes":128,"window_s":{:.1},"#,
+            r#""round_trips":{},"round_trips_per_s":{:.0},"cpu_ms":{:.1},"cpu_us_per_round_trip":{:.3}}}"#
+        ),
+        args.kind,
+        conns,
+        elapsed,
+        n,
+        n as f64 / elapsed,
+        cpu_ns as f64 / 1e6,
+        cpu_ns as f64 / 1e3 / n.max(1) as f64,
+    )
+}

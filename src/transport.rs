@@ -1,0 +1,145 @@
+//! A read buffer that exists only while there is unparsed data. See [`Transport`].
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest accepted `read_buffer_size`: the stack buffer of one read.
+pub(crate) const CHUNK: usize = 64 * 1024;
+
+/// The receive buffer tungstenite keeps per connection when ours sits below
+/// it: small, because this layer does the large reads.
+pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 512;
+
+/// The stream under tungstenite for connections the supervisor opens or
+/// accepts itself.
+///
+/// tungstenite allocates its read buffer eagerly, per connection, and
+/// zero-fills it on every read: 128 KiB by default, which is most of the
+/// memory of an idle connection. Here tungstenite gets a small buffer, and
+/// this layer reads up to `chunk` bytes per system call into a stack buffer,
+/// handing tungstenite what it asks for; only bytes tungstenite has not yet
+/// asked for are kept on the heap, and that allocation is freed as soon as it
+/// is drained. An idle connection therefore holds no read buffer here.
+#[derive(Debug)]
+pub(crate) struct Transport<S> {
+    io: S,
+    /// Bytes read but not yet handed out, from `pos`.
+    spill: Vec<u8>,
+    pos: usize,
+    /// Bytes per read system call (at most [`CHUNK`]).
+    chunk: usize,
+}
+
+impl<S> Transport<S> {
+    pub(crate) fn new(io: S, chunk: usize) -> Self {
+        Self {
+            io,
+            spill: Vec::new(),
+            pos: 0,
+            chunk: chunk.clamp(1, CHUNK),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Transport<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.spill.len() {
+            let n = out.remaining().min(this.spill.len() - this.pos);
+            out.put_slice(&this.spill[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.spill.len() {
+                // Drained: give the memory back.
+                this.spill = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if out.remaining() >= this.chunk {
+            // Big enough: read straight into the caller's buffer.
+            return Pin::new(&mut this.io).poll_read(cx, out);
+        }
+        let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut buf = ReadBuf::uninit(&mut stack[..this.chunk]);
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut buf))?;
+        let filled = buf.filled();
+        let n = out.remaining().min(filled.len());
+        out.put_slice(&filled[..n]);
+        if n < filled.len() {
+            this.spill.extend_from_slice(&filled[n..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Transport<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn small_reads_are_served_from_one_chunk_then_the_spill_is_freed() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = Transport::new(rx, 4096);
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        tx.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; 100];
+        t.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, data[..100]);
+        assert_eq!(t.spill.len(), 2900, "the rest of the chunk is kept");
+        let mut rest = vec![0u8; 2900];
+        t.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, data[100..]);
+        assert_eq!(t.spill.capacity(), 0, "drained: the memory is released");
+    }
+
+    #[tokio::test]
+    async fn large_reads_go_straight_through() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = Transport::new(rx, 1024);
+        tx.write_all(&[7u8; 5000]).await.unwrap();
+        drop(tx);
+        let mut all = Vec::new();
+        t.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, vec![7u8; 5000]);
+        assert_eq!(t.spill.capacity(), 0);
+    }
+}
