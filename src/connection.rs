@@ -71,8 +71,9 @@ pub(crate) struct Shared {
     smoothed_rtt_us: AtomicU64,
     /// Microseconds after `opened`.
     last_inbound_us: AtomicU64,
-    /// Set once by the driver when the connection has ended.
-    event: OnceLock<CloseEvent>,
+    /// Set once by the driver when the connection has ended (boxed: most of
+    /// a connection's life it is empty, and it is large).
+    event: OnceLock<Box<CloseEvent>>,
     /// Wakes [`Connection::closed`] waiters once `event` is set.
     notify: Notify,
     /// The application's task panicked while holding the [`Connection`].
@@ -126,12 +127,12 @@ impl Shared {
 
     /// Stores the final event and wakes every waiter. Called once.
     pub(crate) fn finish(&self, event: CloseEvent) {
-        let _ = self.event.set(event);
+        let _ = self.event.set(Box::new(event));
         self.notify.notify_waiters();
     }
 
     pub(crate) fn event(&self) -> Option<&CloseEvent> {
-        self.event.get()
+        self.event.get().map(|e| &**e)
     }
 }
 
@@ -141,6 +142,16 @@ pub(crate) enum Command {
     Send(Message),
     Close(Option<CloseFrame>),
 }
+
+// The queues carry boxes: tokio's mpsc allocates its first block of 32 slots
+// when the channel is created, so the slot size is paid by every idle
+// connection (32 x ~60 B per queue unboxed, 32 x 8 B boxed). One small
+// allocation per message is the cheaper side of that trade (docs/benchmarks.md).
+
+/// What travels from the driver to the application.
+pub(crate) type Inbound = Box<Message>;
+/// What travels from the application to the driver.
+pub(crate) type Outbound = Box<Command>;
 
 // ===== impl Sender =====
 
@@ -152,13 +163,13 @@ pub(crate) enum Command {
 /// held across an await.
 #[derive(Clone)]
 pub struct Sender {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Outbound>,
     id: ConnectionId,
     write_buffer_limit: usize,
 }
 
 impl Sender {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, id: ConnectionId, limit: usize) -> Self {
+    pub(crate) fn new(tx: mpsc::Sender<Outbound>, id: ConnectionId, limit: usize) -> Self {
         Self {
             tx,
             id,
@@ -192,7 +203,7 @@ impl Sender {
             return Err(Error::invalid("message larger than the write-buffer limit"));
         }
         self.tx
-            .send(Command::Send(message))
+            .send(Box::new(Command::Send(message)))
             .await
             .map_err(|_| Error::closed())
     }
@@ -221,7 +232,7 @@ impl Sender {
             _ => return Err(Error::invalid("close code not allowed on the wire")),
         };
         self.tx
-            .send(Command::Close(frame))
+            .send(Box::new(Command::Close(frame)))
             .await
             .map_err(|_| Error::closed())
     }
@@ -267,7 +278,7 @@ impl fmt::Debug for Sender {
 /// the pong deadline is suspended: our own backpressure is never reported as
 /// the peer's timeout. See `docs/keepalive.md`.
 pub struct Connection {
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Inbound>,
     sender: Sender,
     shared: std::sync::Arc<Shared>,
     peer_addr: Option<SocketAddr>,
@@ -275,7 +286,7 @@ pub struct Connection {
 
 impl Connection {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Message>,
+        rx: mpsc::Receiver<Inbound>,
         sender: Sender,
         shared: std::sync::Arc<Shared>,
         peer_addr: Option<SocketAddr>,
@@ -309,7 +320,7 @@ impl Connection {
     /// # Cancel safety
     /// Cancel safe: no message is lost if the future is dropped.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|m| *m)
     }
 
     /// Queues a message; see [`Sender::send`].
@@ -373,7 +384,7 @@ impl Stream for Connection {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        self.rx.poll_recv(cx).map(|m| m.map(|m| *m))
     }
 }
 

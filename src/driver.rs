@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::PollSender;
 
 use crate::close::{Cause, CloseEvent, CloseReason, Initiator, classify, code_for_error};
-use crate::connection::{Command, ConnectionId, Shared, Stats};
+use crate::connection::{Command, ConnectionId, Inbound, Outbound, Shared, Stats};
 use crate::error::Error;
 use crate::heartbeat::{Heartbeat, Pong};
 use crate::metrics::secs;
@@ -78,12 +78,12 @@ struct Core {
     hb: Heartbeat,
     phase: Phase,
     /// To the application's [`Connection`](crate::Connection).
-    inbound: mpsc::Sender<Message>,
+    inbound: mpsc::Sender<Inbound>,
     /// A message the full inbound queue could not take yet, with the sender
     /// that waits for room. While it is set we do not read.
-    stash: Option<(Message, PollSender<Message>)>,
+    stash: Option<(Inbound, PollSender<Inbound>)>,
     /// From the application's [`Sender`](crate::Sender)s.
-    outbound: mpsc::Receiver<Command>,
+    outbound: mpsc::Receiver<Outbound>,
     /// `outbound` was closed on leaving [`Phase::Open`].
     outbound_closed: bool,
     /// The last read attempt found nothing buffered (or reading is paused):
@@ -116,8 +116,8 @@ where
         shared: Arc<Shared>,
         id: ConnectionId,
         peer_addr: Option<SocketAddr>,
-        inbound: mpsc::Sender<Message>,
-        outbound: mpsc::Receiver<Command>,
+        inbound: mpsc::Sender<Inbound>,
+        outbound: mpsc::Receiver<Outbound>,
         slot: Slot,
     ) -> Self {
         let config = &inner.config;
@@ -394,7 +394,7 @@ impl Core {
     /// Hands a data message to the application, or stashes it and stops
     /// reading when the inbound queue is full.
     fn deliver(&mut self, message: Message) {
-        match self.inbound.try_send(message) {
+        match self.inbound.try_send(Box::new(message)) {
             Ok(()) => {}
             Err(TrySendError::Full(message)) if self.phase == Phase::Open => {
                 self.hb.suspend();
@@ -454,7 +454,7 @@ impl Core {
                 Poll::Ready(Ok(())) if !self.dirty => self.blocked_since = None,
                 Poll::Ready(Ok(())) => {}
             }
-            match self.outbound.poll_recv(cx) {
+            match self.outbound.poll_recv(cx).map(|c| c.map(|c| *c)) {
                 Poll::Ready(Some(Command::Send(message))) => {
                     progress = true;
                     let metrics = &self.inner.metrics;

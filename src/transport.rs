@@ -12,7 +12,7 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// The receive buffer tungstenite keeps per connection when ours sits below
 /// it: small, because this layer does the large reads.
-pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 512;
+pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 
 /// The stream under tungstenite for connections the supervisor opens or
 /// accepts itself.
