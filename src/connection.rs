@@ -4,7 +4,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     notify: Notify,
     /// The application's task panicked while holding the [`Connection`].
     pub(crate) app_panicked: AtomicBool,
+    /// The [`Connection`] was dropped (set before its receiver goes).
+    pub(crate) app_gone: AtomicBool,
 }
 
 impl Shared {
@@ -93,6 +95,7 @@ impl Shared {
             event: OnceLock::new(),
             notify: Notify::new(),
             app_panicked: AtomicBool::new(false),
+            app_gone: AtomicBool::new(false),
         }
     }
 
@@ -393,6 +396,7 @@ impl Drop for Connection {
         if std::thread::panicking() {
             self.shared.app_panicked.store(true, Relaxed);
         }
+        self.shared.app_gone.store(true, Release);
         // Dropping `rx` next is what tells the driver to close.
     }
 }

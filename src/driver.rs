@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +55,17 @@ enum Phase {
     Done,
 }
 
+/// Wake-up sources whose future or queue currently holds our waker.
+#[derive(Debug, Default)]
+struct Registered {
+    shutdown: bool,
+    app_gone: bool,
+    /// The application dropped its `Connection` (acted on once the
+    /// commands it queued before are written).
+    app_gone_fired: bool,
+    outbound: bool,
+}
+
 /// The first final cause, as it will be reported.
 #[derive(Debug)]
 struct Outcome {
@@ -86,6 +97,8 @@ struct Core {
     outbound: mpsc::Receiver<Outbound>,
     /// `outbound` was closed on leaving [`Phase::Open`].
     outbound_closed: bool,
+    /// Which wake-up sources hold our waker (see `poll`).
+    registered: Registered,
     /// The last read attempt found nothing buffered (or reading is paused):
     /// a pong the peer already sent cannot be sitting unread.
     read_idle: bool,
@@ -150,6 +163,7 @@ where
                 stash: None,
                 outbound,
                 outbound_closed: false,
+                registered: Registered::default(),
                 read_idle: true,
                 overdue_reads: 0,
                 dirty: false,
@@ -214,18 +228,37 @@ impl Core {
             let now = Instant::now();
             let mut progress = false;
 
-            if self.phase != Phase::Done && shutdown.as_mut().poll(cx).is_ready() {
-                self.on_shutdown(ws, now);
-                progress = true;
+            // The shutdown and app-gone futures keep their waker once a poll
+            // returned Pending, until they fire, and each has a flag set
+            // before it fires: once registered, poll them only when the flag
+            // says they are ready. (This loop runs on every heartbeat of
+            // every connection, and each of those polls takes a lock.)
+            if self.phase != Phase::Done
+                && (!self.registered.shutdown || self.inner.shutting_down.load(Acquire))
+            {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    self.on_shutdown(ws, now);
+                    progress = true;
+                } else {
+                    self.registered.shutdown = true;
+                }
             }
             // What the application queued before dropping its `Connection`
             // (messages, a Close with its own code) goes out first.
-            if self.phase == Phase::Open
-                && self.outbound.is_empty()
-                && app_gone.as_mut().poll(cx).is_ready()
-            {
-                self.on_app_gone(ws, now);
-                progress = true;
+            if self.phase == Phase::Open {
+                if !self.registered.app_gone_fired
+                    && (!self.registered.app_gone || self.shared.app_gone.load(Acquire))
+                {
+                    if app_gone.as_mut().poll(cx).is_ready() {
+                        self.registered.app_gone_fired = true;
+                    } else {
+                        self.registered.app_gone = true;
+                    }
+                }
+                if self.registered.app_gone_fired && self.outbound.is_empty() {
+                    self.on_app_gone(ws, now);
+                    progress = true;
+                }
             }
             progress |= self.poll_stash(cx, now);
             progress |= self.poll_read(cx, ws, now);
@@ -454,6 +487,12 @@ impl Core {
                 Poll::Ready(Ok(())) if !self.dirty => self.blocked_since = None,
                 Poll::Ready(Ok(())) => {}
             }
+            // An empty queue that holds our waker (from a Pending poll)
+            // needs no poll: a send pushes, then wakes us.
+            if self.registered.outbound && self.outbound.is_empty() {
+                break;
+            }
+            self.registered.outbound = false;
             match self.outbound.poll_recv(cx).map(|c| c.map(|c| *c)) {
                 Poll::Ready(Some(Command::Send(message))) => {
                     progress = true;
@@ -472,9 +511,13 @@ impl Core {
                     let until = now + self.inner.config.close_timeout();
                     self.send_close(ws, frame, until);
                 }
+                Poll::Pending => {
+                    self.registered.outbound = true;
+                    break;
+                }
                 // Every sender is gone, including the `Connection`'s own:
                 // `app_gone` handles it.
-                Poll::Ready(None) | Poll::Pending => break,
+                Poll::Ready(None) => break,
             }
         }
         progress

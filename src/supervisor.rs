@@ -6,7 +6,7 @@ use std::future::{Future, IntoFuture};
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown_deadline: OnceLock<Instant>,
     /// Guards "not shutting down" + spawn against `shutdown` (see `register`).
     closing: Mutex<bool>,
+    /// Set before `cancel` fires: lets drivers skip polling it until then.
+    pub(crate) shutting_down: AtomicBool,
     next_id: AtomicU64,
     /// Connections whose driver runs (changed only where the hooks run).
     pub(crate) live: AtomicUsize,
@@ -188,6 +190,7 @@ impl SupervisorBuilder {
                 cancel: CancellationToken::new(),
                 shutdown_deadline: OnceLock::new(),
                 closing: Mutex::new(false),
+                shutting_down: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 slots: AtomicUsize::new(0),
@@ -476,6 +479,7 @@ impl Supervisor {
             *closing = true;
         }
         let _ = self.inner.shutdown_deadline.set(started + grace);
+        self.inner.shutting_down.store(true, Release);
         // From here each finishing driver counts this gauge down.
         let metrics = &self.inner.metrics;
         metrics.shutdown_remaining.set(self.len() as f64);
