@@ -20,6 +20,11 @@
 //!   unanswered ping to the server's close; false kills among the rest.
 //! * `echo` — 64 connections in a closed loop of 128-byte text messages:
 //!   round trips per second and server CPU per round trip.
+//! * `pingfloor` — the reverse heartbeat: N clients each send a ping every
+//!   interval and the server only answers (tungstenite's automatic pong):
+//!   server CPU per ping/pong exchange with no timer on the server side.
+//!   Against `raw`, the floor that any heartbeat over tokio-tungstenite and
+//!   loopback TCP pays.
 //!
 //! The clients are minimal hand-written WebSocket clients (this file), so
 //! the generator costs little and measures only the server.
@@ -102,6 +107,7 @@ async fn main() {
         "idle" => idle(&args, &server).await,
         "detection" => detection(&args, &server).await,
         "echo" => echo(&args, &server).await,
+        "pingfloor" => ping_floor(&args, &server).await,
         other => {
             eprintln!("loadgen: unknown scenario {other}");
             std::process::exit(2);
@@ -273,18 +279,29 @@ fn source(i: usize, k: u8) -> IpAddr {
 /// Opens `n` connections, `parallel` handshakes at a time.
 async fn open(args: &Args, server: &Server, n: usize) -> Vec<Client> {
     let mut clients = Vec::with_capacity(n);
+    open_each(args, server, n, |_, client| clients.push(client)).await;
+    clients
+}
+
+/// Opens `n` connections, `parallel` handshakes at a time, handing each to
+/// `each` as soon as it is open (so it can start answering pings at once:
+/// a ramp of 15k connections takes longer than a pong timeout).
+async fn open_each(args: &Args, server: &Server, n: usize, mut each: impl FnMut(usize, Client)) {
     let parallel = 200;
     let mut i = 0;
     while i < n {
         let batch: Vec<_> = (i..(i + parallel).min(n))
             .map(|j| Client::connect(server.addr, source(j, args.sources)))
             .collect();
-        for result in futures::future::join_all(batch).await {
-            clients.push(result.expect("connect"));
+        for (j, result) in futures::future::join_all(batch)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            each(i + j, result.expect("connect"));
         }
         i += parallel;
     }
-    clients
 }
 
 /// Counters the client tasks share with the scenario.
@@ -340,10 +357,10 @@ fn heartbeat_kind(kind: &str) -> bool {
 async fn idle(args: &Args, server: &Server) -> String {
     let rss_zero = server.rss_kib();
     let shared = Arc::new(Shared::default());
-    let clients = open(args, server, args.conns).await;
-    for client in clients {
+    open_each(args, server, args.conns, |_, client| {
         tokio::spawn(ping_answerer(client, shared.clone(), false));
-    }
+    })
+    .await;
     // Settle: every connection has had its first pings.
     sleep(Duration::from_millis(args.interval_ms * 2 + 1000)).await;
     let (cpu0, pongs0, closed0) = (
@@ -389,11 +406,11 @@ async fn idle(args: &Args, server: &Server) -> String {
 
 async fn detection(args: &Args, server: &Server) -> String {
     let shared = Arc::new(Shared::default());
-    let clients = open(args, server, args.conns).await;
     let silent = args.silent.min(args.conns);
-    for (i, client) in clients.into_iter().enumerate() {
+    open_each(args, server, args.conns, |i, client| {
         tokio::spawn(ping_answerer(client, shared.clone(), i < silent));
-    }
+    })
+    .await;
     sleep(Duration::from_millis(args.interval_ms * 2 + 1000)).await;
     shared.silent.store(true, Relaxed);
     // Bounded wait: every silent client should be closed well within this.
@@ -430,6 +447,58 @@ async fn detection(args: &Args, server: &Server) -> String {
         pct(0.99),
         pct(1.0),
         shared.false_kills.load(Relaxed),
+    )
+}
+
+async fn ping_floor(args: &Args, server: &Server) -> String {
+    let rss_zero = server.rss_kib();
+    let pongs = Arc::new(AtomicU64::new(0));
+    let clients = open(args, server, args.conns).await;
+    let interval = Duration::from_millis(args.interval_ms);
+    // (Nothing pings these clients: the raw server has no heartbeat.)
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let pongs = pongs.clone();
+        // Spread the clients over the interval, as jittered servers do.
+        let offset = interval * (i as u32) / (args.conns as u32);
+        tokio::spawn(async move {
+            sleep(offset).await;
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                if client.send(OP_PING, b"floor").await.is_err() {
+                    return;
+                }
+                loop {
+                    match client.read().await {
+                        Ok(Some((OP_PONG, _))) => break,
+                        Ok(Some(_)) => {}
+                        _ => return,
+                    }
+                }
+                pongs.fetch_add(1, Relaxed);
+            }
+        });
+    }
+    sleep(interval * 2 + Duration::from_secs(1)).await;
+    let (cpu0, pongs0) = (server.cpu_ns(), pongs.load(Relaxed));
+    let started = Instant::now();
+    sleep(args.window).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = server.cpu_ns() - cpu0;
+    let exchanges = pongs.load(Relaxed) - pongs0;
+    format!(
+        concat!(
+            r#"{{"scenario":"pingfloor","kind":"{}","conns":{},"interval_ms":{},"rss_per_conn_kib":{:.3},"#,
+            r#""window_s":{:.1},"cpu_ms":{:.1},"exchanges":{},"cpu_us_per_exchange":{:.3}}}"#
+        ),
+        args.kind,
+        args.conns,
+        args.interval_ms,
+        (server.rss_kib().saturating_sub(rss_zero)) as f64 / args.conns as f64,
+        elapsed,
+        cpu_ns as f64 / 1e6,
+        exchanges,
+        cpu_ns as f64 / 1e3 / exchanges.max(1) as f64,
     )
 }
 
