@@ -37,7 +37,7 @@ fn align(epoch: Instant, at: Instant, slot: Duration) -> Instant {
 /// without sockets or timers. The schedule (see `docs/keepalive.md`):
 ///
 /// * the first ping at `open + interval + phase`, moved up to the next slot
-///   boundary (see [`align`]), then every `interval`; a ping that comes due
+///   boundary (see `align`), then every `interval`; a ping that comes due
 ///   late (the task was stalled) goes out once, and the next one is an
 ///   interval after it: missed pings never burst;
 /// * a *liveness event* at `t` (a pong, or any frame under
@@ -47,7 +47,7 @@ fn align(epoch: Instant, at: Instant, slot: Duration) -> Instant {
 ///   are not reading) there is no deadline; on resume the peer gets a fresh
 ///   `timeout` from the moment we read again.
 #[derive(Debug)]
-pub(crate) struct Heartbeat {
+pub struct Heartbeat {
     /// Time between pings.
     interval: Duration,
     /// Time the peer has to show liveness after a ping.
@@ -88,7 +88,7 @@ pub(crate) struct HeartbeatStats {
 
 /// What a received pong turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Pong {
+pub enum Pong {
     /// It answered one of our recent pings; the sample is its round trip.
     Matched(Duration),
     /// Unsolicited, stale, or foreign: liveness only.
@@ -103,7 +103,7 @@ impl Heartbeat {
     /// configured jitter) shifts the whole schedule, pings fall on slots
     /// counted from `epoch`, and `key` masks nonces.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub fn new(
         epoch: Instant,
         now: Instant,
         interval: Duration,
@@ -130,7 +130,7 @@ impl Heartbeat {
     }
 
     /// When the peer is overdue, if a ping is unanswered and we are reading.
-    pub(crate) fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Instant> {
         if self.suspended {
             return None;
         }
@@ -142,7 +142,7 @@ impl Heartbeat {
     }
 
     /// The earliest instant at which [`poll`](Self::poll) has something to do.
-    pub(crate) fn next_wakeup(&self) -> Instant {
+    pub fn next_wakeup(&self) -> Instant {
         match self.deadline() {
             Some(d) if d < self.next_ping => d,
             _ => self.next_ping,
@@ -150,19 +150,19 @@ impl Heartbeat {
     }
 
     /// Whether the peer missed its deadline at `now`.
-    pub(crate) fn is_expired(&self, now: Instant) -> bool {
+    pub fn is_expired(&self, now: Instant) -> bool {
         self.deadline().is_some_and(|d| now >= d)
     }
 
     /// The payload of the next ping, if one is due at `now`. Nothing is
     /// recorded until [`ping_sent`](Self::ping_sent) or
     /// [`ping_skipped`](Self::ping_skipped).
-    pub(crate) fn ping_due(&self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
+    pub fn ping_due(&self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
         (now >= self.next_ping).then(|| (self.seq ^ self.key).to_be_bytes())
     }
 
     /// The due ping went out at `now`: it starts the deadline, if none runs.
-    pub(crate) fn ping_sent(&mut self, now: Instant) {
+    pub fn ping_sent(&mut self, now: Instant) {
         self.advance(now);
         let seq = self.seq;
         self.seq += 1;
@@ -173,7 +173,7 @@ impl Heartbeat {
 
     /// The due ping could not be queued (our write side is full): the
     /// schedule moves on, and the peer is not held to a ping it never got.
-    pub(crate) fn ping_skipped(&mut self, now: Instant) {
+    pub fn ping_skipped(&mut self, now: Instant) {
         self.advance(now);
     }
 
@@ -187,7 +187,7 @@ impl Heartbeat {
     }
 
     /// Records a pong received at `now` with `payload`.
-    pub(crate) fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Pong {
+    pub fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Pong {
         self.stats.pongs_received += 1;
         self.alive(now);
         let matched = <[u8; PAYLOAD_LEN]>::try_from(payload)
@@ -211,7 +211,7 @@ impl Heartbeat {
     }
 
     /// Records any other inbound frame (data, ping, close) received at `now`.
-    pub(crate) fn on_frame(&mut self, now: Instant) {
+    pub fn on_frame(&mut self, now: Instant) {
         match self.liveness {
             Liveness::AnyFrame => self.alive(now),
             Liveness::Pong => self.last_inbound = now,
@@ -226,12 +226,12 @@ impl Heartbeat {
 
     /// Our inbound queue is full: we stop reading, so the peer cannot be
     /// blamed for what we do not read.
-    pub(crate) fn suspend(&mut self) {
+    pub fn suspend(&mut self) {
         self.suspended = true;
     }
 
     /// We read again at `now`: the peer gets a full timeout from here.
-    pub(crate) fn resume(&mut self, now: Instant) {
+    pub fn resume(&mut self, now: Instant) {
         if self.suspended {
             self.suspended = false;
             self.not_before = Some(now + self.timeout);
@@ -239,7 +239,7 @@ impl Heartbeat {
     }
 
     /// When the last inbound frame arrived (the open time if none yet).
-    pub(crate) fn last_inbound(&self) -> Instant {
+    pub fn last_inbound(&self) -> Instant {
         self.last_inbound
     }
 

@@ -123,6 +123,13 @@ pub use tokio_tungstenite::tungstenite;
 /// RFC 6455 close codes, as tungstenite names them.
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+/// Internals exposed for `benches/heartbeat.rs` only: not a public API, no
+/// semver guarantees.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::heartbeat::{Heartbeat, Pong};
+}
+
 // The README's example is compiled with the doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -45,6 +45,43 @@ impl<S> Transport<S> {
     }
 }
 
+/// Stack buffer for chunks up to the default `read_buffer_size`.
+const SMALL_CHUNK: usize = 4 * 1024;
+
+impl<S: AsyncRead + Unpin> Transport<S> {
+    // Separate frames, so the common path does not reserve 64 KiB of stack.
+    #[inline(never)]
+    fn read_small(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); SMALL_CHUNK];
+        self.read_via(cx, out, &mut stack)
+    }
+
+    #[inline(never)]
+    fn read_large(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
+        self.read_via(cx, out, &mut stack)
+    }
+
+    /// One read system call into `stack`, handing `out` what fits and
+    /// keeping the rest.
+    fn read_via(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+        stack: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<()>> {
+        let mut buf = ReadBuf::uninit(&mut stack[..self.chunk]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        let filled = buf.filled();
+        let n = out.remaining().min(filled.len());
+        out.put_slice(&filled[..n]);
+        if n < filled.len() {
+            self.spill.extend_from_slice(&filled[n..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Transport<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -67,16 +104,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Transport<S> {
             // Big enough: read straight into the caller's buffer.
             return Pin::new(&mut this.io).poll_read(cx, out);
         }
-        let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
-        let mut buf = ReadBuf::uninit(&mut stack[..this.chunk]);
-        ready!(Pin::new(&mut this.io).poll_read(cx, &mut buf))?;
-        let filled = buf.filled();
-        let n = out.remaining().min(filled.len());
-        out.put_slice(&filled[..n]);
-        if n < filled.len() {
-            this.spill.extend_from_slice(&filled[n..]);
+        // Small chunks (the default) get a small stack frame: a 64 KiB one
+        // costs a stack probe per page on every read.
+        if this.chunk <= SMALL_CHUNK {
+            this.read_small(cx, out)
+        } else {
+            this.read_large(cx, out)
         }
-        Poll::Ready(Ok(()))
     }
 }
 
