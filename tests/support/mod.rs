@@ -149,23 +149,7 @@ impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
 
     /// Reads the next frame; `None` at EOF or on a broken pipe.
     pub async fn read_frame(&mut self) -> Option<Frame> {
-        let mut head = [0u8; 2];
-        self.reader.read_exact(&mut head).await.ok()?;
-        let fin = head[0] & 0x80 != 0;
-        let opcode = head[0] & 0x0f;
-        assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
-        let len = match head[1] & 0x7f {
-            126 => self.reader.read_u16().await.ok()? as usize,
-            127 => self.reader.read_u64().await.ok()? as usize,
-            n => n as usize,
-        };
-        let mut payload = vec![0; len];
-        self.reader.read_exact(&mut payload).await.ok()?;
-        Some(Frame {
-            fin,
-            opcode,
-            payload,
-        })
+        read_frame(&mut self.reader).await
     }
 
     /// Reads frames until one with `opcode`, skipping others.
@@ -222,6 +206,27 @@ impl<T: AsyncRead + AsyncWrite> RawPeer<T> {
         }
         seen
     }
+}
+
+/// Reads the next server frame from `reader`; `None` at EOF or on a broken pipe.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Option<Frame> {
+    let mut head = [0u8; 2];
+    reader.read_exact(&mut head).await.ok()?;
+    let fin = head[0] & 0x80 != 0;
+    let opcode = head[0] & 0x0f;
+    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
+    let len = match head[1] & 0x7f {
+        126 => reader.read_u16().await.ok()? as usize,
+        127 => reader.read_u64().await.ok()? as usize,
+        n => n as usize,
+    };
+    let mut payload = vec![0; len];
+    reader.read_exact(&mut payload).await.ok()?;
+    Some(Frame {
+        fin,
+        opcode,
+        payload,
+    })
 }
 
 /// Encodes one client frame (masked with a fixed key when `masked`).
