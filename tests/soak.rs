@@ -54,6 +54,9 @@ impl Ending {
     }
 }
 
+/// Hook calls per connection id.
+type Calls = Arc<Mutex<HashMap<u64, Vec<(CloseReason, Initiator)>>>>;
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
@@ -126,7 +129,7 @@ async fn soak_every_ending_under_churn() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let workers = 200;
-    let calls: Arc<Mutex<HashMap<u64, Vec<(CloseReason, Initiator)>>>> = Arc::default();
+    let calls: Calls = Arc::default();
     let recorder = calls.clone();
     let config = heartbeat(Duration::from_millis(200), Duration::from_millis(200))
         .close_timeout(Duration::from_secs(1))
