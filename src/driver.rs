@@ -512,7 +512,10 @@ impl Core {
                     self.send_close(ws, frame, until);
                 }
                 Poll::Pending => {
-                    self.registered.outbound = true;
+                    // A Pending from tokio's cooperative budget registered
+                    // nothing (the task was woken to run again instead):
+                    // only a Pending with budget left holds our waker.
+                    self.registered.outbound = tokio::task::coop::has_budget_remaining();
                     break;
                 }
                 // Every sender is gone, including the `Connection`'s own:

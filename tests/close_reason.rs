@@ -657,3 +657,37 @@ async fn timeout__write_stalled_by_pong_replies() {
         "write stall detected after {took:?}"
     );
 }
+
+/// Pins a lost wake-up: a Pending from tokio's cooperative budget was taken
+/// for "the command queue holds our waker", so a later message waited for
+/// the next ping to be written.
+#[tokio::test(start_paused = true)]
+async fn a_message_after_a_burst_goes_out_at_once() {
+    // No ping in the 300 s of this test: only the message can wake the driver.
+    let config = heartbeat(3600 * SEC, 60 * SEC)
+        .outbound_queue(NonZeroUsize::new(1024).unwrap())
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, mut peer) = accept_raw_with(&sup, 1 << 20).await;
+    // Bursts of every size, so that one of them ends exactly as the
+    // budget runs out.
+    for round in 1..=300u32 {
+        for i in 0..round {
+            conn.send(format!("{round}-{i}")).await.unwrap();
+        }
+        for _ in 0..round {
+            peer.read_until(OP_TEXT).await.unwrap();
+        }
+        sleep(SEC).await;
+        let sent = Instant::now();
+        conn.send("after the burst").await.unwrap();
+        let frame = peer.read_until(OP_TEXT).await.unwrap();
+        assert_eq!(frame.payload, b"after the burst");
+        assert_eq!(
+            Instant::now(),
+            sent,
+            "round {round}: written only at a later wake-up"
+        );
+    }
+}
