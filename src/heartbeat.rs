@@ -231,10 +231,13 @@ impl Heartbeat {
     }
 
     /// We read again at `now`: the peer gets a full timeout from here.
+    /// Pongs to pings sent before now may have waited in our own buffer, so
+    /// they no longer give RTT samples (they still count as liveness).
     pub fn resume(&mut self, now: Instant) {
         if self.suspended {
             self.suspended = false;
             self.not_before = Some(now + self.timeout);
+            self.unacked = self.seq;
         }
     }
 
@@ -402,6 +405,25 @@ mod tests {
         assert!(!h.is_expired(t0 + 10 * S));
         h.resume(t0 + 10 * S);
         assert_eq!(h.deadline(), Some(t0 + 11 * S));
+    }
+
+    #[test]
+    fn pongs_read_after_a_suspension_are_not_rtt_samples() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, S);
+        let payload = ping(&mut h, t0 + S).unwrap();
+        h.suspend();
+        h.resume(t0 + 5 * S);
+        // The pong sat in our own buffer for 4 s: not the peer's round trip.
+        assert_eq!(h.on_pong(t0 + 5 * S, &payload), Pong::Unmatched);
+        assert_eq!(h.stats().last_rtt, None);
+        assert_eq!(h.deadline(), None, "still liveness");
+        // Pings after the resume measure again.
+        let payload = ping(&mut h, t0 + 6 * S).unwrap();
+        assert_eq!(
+            h.on_pong(t0 + 6 * S + 2 * MS, &payload),
+            Pong::Matched(2 * MS)
+        );
     }
 
     #[test]
