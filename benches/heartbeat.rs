@@ -25,15 +25,17 @@ const INTERVAL: Duration = Duration::from_secs(1);
 fn fleet(n: usize, t0: Instant) -> Vec<Heartbeat> {
     (0..n)
         .map(|i| {
-            let phase = INTERVAL * (i as u32 % 10) / 100;
+            let (jitter, unit) = (INTERVAL / 10, (i % 100) as f64 / 100.0);
+            let key = i as u64;
             Heartbeat::new(
                 t0,
                 t0,
                 INTERVAL,
                 INTERVAL,
-                phase,
+                jitter,
+                unit,
                 Liveness::AnyFrame,
-                i as u64,
+                key,
             )
         })
         .collect()

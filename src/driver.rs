@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::{FutureExt, Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -134,19 +133,15 @@ where
         slot: Slot,
     ) -> Self {
         let config = &inner.config;
-        let jitter = config.ping_jitter();
-        let phase = if jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            // Uniform in [0, jitter), from the per-supervisor random seed.
-            jitter.mul_f64(inner.random(id, 0) as f64 / (u64::MAX as f64 + 1.0))
-        };
+        // Uniform in [0, 1), from the per-supervisor random seed.
+        let unit = (inner.random(id, 0) >> 11) as f64 / (1u64 << 53) as f64;
         let hb = Heartbeat::new(
             inner.epoch,
             shared.opened,
             config.ping_interval(),
             config.pong_timeout(),
-            phase,
+            config.ping_jitter(),
+            unit,
             config.liveness(),
             inner.random(id, 1),
         );
@@ -251,6 +246,9 @@ impl Core {
                 {
                     if app_gone.as_mut().poll(cx).is_ready() {
                         self.registered.app_gone_fired = true;
+                        // Write what was queued, but take nothing new: other
+                        // `Sender`s must not keep a dropped connection open.
+                        self.outbound.close();
                     } else {
                         self.registered.app_gone = true;
                     }
@@ -347,8 +345,10 @@ impl Core {
         }
         self.read_idle = false;
         match Pin::new(&mut *ws).poll_next(cx) {
+            // A Pending from tokio's cooperative budget says nothing about
+            // the socket: frames (a pong) may still wait behind it.
             Poll::Pending => {
-                self.read_idle = true;
+                self.read_idle = tokio::task::coop::has_budget_remaining();
                 false
             }
             Poll::Ready(Some(Ok(message))) => {
@@ -700,8 +700,11 @@ impl Core {
                 {
                     // Frames are still waiting to be read, and the pong may
                     // be among them: read on before blaming the peer (bounded,
-                    // so a flood cannot postpone the verdict forever).
-                    self.overdue_reads += 1;
+                    // so a flood cannot postpone the verdict forever; turns
+                    // that could not read for lack of budget do not count).
+                    if tokio::task::coop::has_budget_remaining() {
+                        self.overdue_reads += 1;
+                    }
                     return false;
                 }
                 self.overdue_reads = 0;

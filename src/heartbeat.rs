@@ -36,8 +36,9 @@ fn align(epoch: Instant, at: Instant, slot: Duration) -> Instant {
 /// Pure state: every method takes the current [`Instant`], so it is tested
 /// without sockets or timers. The schedule (see `docs/keepalive.md`):
 ///
-/// * the first ping at `open + interval + phase`, moved up to the next slot
-///   boundary (see `align`), then every `interval`; a ping that comes due
+/// * the first ping at `open + interval + phase` (phase < jitter; on a
+///   shared slot boundary when the jitter spans a slot, see `new`), then
+///   every `interval`; a ping that comes due
 ///   late (the task was stalled) goes out once, and the next one is an
 ///   interval after it: missed pings never burst;
 /// * a *liveness event* at `t` (a pong, or any frame under
@@ -99,25 +100,37 @@ pub enum Pong {
 pub(crate) const PAYLOAD_LEN: usize = 8;
 
 impl Heartbeat {
-    /// A heartbeat for a connection opened at `now`; `phase` (at most the
-    /// configured jitter) shifts the whole schedule, pings fall on slots
-    /// counted from `epoch`, and `key` masks nonces.
+    /// A heartbeat for a connection opened at `now`. The first ping comes
+    /// at `now + interval + phase`, where the phase is `unit` (uniform in
+    /// `[0, 1)`) of the `jitter`; `key` masks nonces.
+    ///
+    /// When the jitter spans at least one slot, the phase is drawn from
+    /// `[0, jitter - slot)` and the first ping moved up to the next slot
+    /// boundary counted from `epoch`: still within `interval + jitter`, but
+    /// on a grid shared by every connection of the supervisor.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         epoch: Instant,
         now: Instant,
         interval: Duration,
         timeout: Duration,
-        phase: Duration,
+        jitter: Duration,
+        unit: f64,
         liveness: Liveness,
         key: u64,
     ) -> Self {
+        let slot = slot(interval);
+        let first_ping = if jitter >= slot {
+            align(epoch, now + interval + (jitter - slot).mul_f64(unit), slot)
+        } else {
+            now + interval + jitter.mul_f64(unit)
+        };
         Self {
             interval,
             timeout,
             liveness,
             key,
-            next_ping: align(epoch, now + interval + phase, slot(interval)),
+            next_ping: first_ping,
             seq: 0,
             unacked: 0,
             sent_at: [now; RING],
@@ -267,15 +280,8 @@ mod tests {
     }
 
     fn hb(now: Instant, timeout: Duration) -> Heartbeat {
-        Heartbeat::new(
-            now,
-            now,
-            S,
-            timeout,
-            Duration::ZERO,
-            Liveness::Pong,
-            0xdead_beef,
-        )
+        let zero = Duration::ZERO;
+        Heartbeat::new(now, now, S, timeout, zero, 0.0, Liveness::Pong, 0xdead_beef)
     }
 
     #[test]
@@ -283,20 +289,33 @@ mod tests {
         let epoch = Instant::now();
         let slot = slot(S);
         assert_eq!(slot, S / 64);
-        // Opened 3 ms after the epoch: the first ping moves to the next slot.
-        let h = Heartbeat::new(
-            epoch,
-            epoch + 3 * MS,
-            S,
-            S,
-            Duration::ZERO,
-            Liveness::Pong,
-            0,
+        let jitter = 10 * slot;
+        let new =
+            |open, jitter, unit| Heartbeat::new(epoch, open, S, S, jitter, unit, Liveness::Pong, 0);
+        // Opened 3 ms after the epoch, phase 0: the next slot boundary.
+        assert_eq!(
+            new(epoch + 3 * MS, jitter, 0.0).next_wakeup(),
+            epoch + S + slot
         );
-        assert_eq!(h.next_wakeup(), epoch + S + slot);
         // On a boundary already: unchanged.
-        let h = Heartbeat::new(epoch, epoch + slot, S, S, Duration::ZERO, Liveness::Pong, 0);
-        assert_eq!(h.next_wakeup(), epoch + S + slot);
+        assert_eq!(
+            new(epoch + slot, jitter, 0.0).next_wakeup(),
+            epoch + S + slot
+        );
+        // The largest phase still lands within interval + jitter.
+        for open_ms in 0..20 {
+            let open = epoch + MS * open_ms;
+            let first = new(open, jitter, 0.999_999).next_wakeup();
+            assert!(
+                first <= open + S + jitter && first >= open + S,
+                "opened at +{open_ms} ms"
+            );
+        }
+        // A jitter under one slot: no alignment, the exact schedule.
+        assert_eq!(
+            new(epoch + 3 * MS, Duration::ZERO, 0.0).next_wakeup(),
+            epoch + 3 * MS + S
+        );
         // Short intervals keep a 1 ms floor.
         assert_eq!(super::slot(10 * MS), MS);
     }
@@ -304,8 +323,9 @@ mod tests {
     #[test]
     fn first_ping_one_interval_after_open_with_phase() {
         let t0 = Instant::now();
-        let mut h = Heartbeat::new(t0, t0, S, S, 15 * slot(S) + MS, Liveness::Pong, 1);
-        let phase = 16 * slot(S);
+        // Jitter of 17 slots, unit 15/16: a phase of 15 slots, on a boundary.
+        let mut h = Heartbeat::new(t0, t0, S, S, 17 * slot(S), 15.0 / 16.0, Liveness::Pong, 1);
+        let phase = 15 * slot(S);
         // The phase rounds up to the next slot boundary.
         assert!(ping(&mut h, t0 + S + phase - MS).is_none());
         assert!(ping(&mut h, t0 + S + phase).is_some());
@@ -389,7 +409,8 @@ mod tests {
         assert!(strict.deadline().is_some(), "data is not a pong");
         assert_eq!(strict.last_inbound(), t0 + S + MS);
 
-        let mut lenient = Heartbeat::new(t0, t0, S, S, Duration::ZERO, Liveness::AnyFrame, 0);
+        let zero = Duration::ZERO;
+        let mut lenient = Heartbeat::new(t0, t0, S, S, zero, 0.0, Liveness::AnyFrame, 0);
         ping(&mut lenient, t0 + S).unwrap();
         lenient.on_frame(t0 + S + MS);
         assert_eq!(lenient.deadline(), None);

@@ -691,3 +691,37 @@ async fn a_message_after_a_burst_goes_out_at_once() {
         );
     }
 }
+
+/// A dropped `Connection` closes even while another task keeps sending
+/// through a `Sender` clone. (Raised in review as a possible starvation on a
+/// multi-threaded runtime; since the fix, the drop stops the queue taking
+/// new messages. This single-threaded test passes either way.)
+#[tokio::test(start_paused = true)]
+async fn normal__dropped_connection_closes_although_another_sender_keeps_sending() {
+    let (sup, events) = supervisor(Config::default());
+    let (conn, peer) = accept_raw(&sup).await;
+    let drained = tokio::spawn(peer.drain());
+    let sender = conn.sender();
+    let chatty = tokio::spawn(async move {
+        let mut sent = 0u32;
+        for _ in 0..100_000 {
+            if sender.send("more").await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    // Let it get going (it only yields when the queue is full).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    drop(conn);
+    let sent = chatty.await.unwrap();
+    assert!(sent < 100_000, "sends kept being accepted after the drop");
+    while events.len() == 0 {
+        sleep(MS).await;
+    }
+    assert_reason(&events.only(), R::Normal, Local);
+    drained.abort();
+}

@@ -338,3 +338,65 @@ async fn a_pong_queued_behind_data_at_the_deadline_is_read_first() {
     assert!(conn.close_event().is_none(), "{:#?}", conn.close_event());
     assert_eq!(conn.stats().pongs_received, 1);
 }
+
+/// Pins a bug found in review: a Pending from tokio's cooperative budget on
+/// the read side was taken for "nothing left to read", so a busy sender got
+/// its peer killed with the pong waiting right behind the data.
+#[tokio::test(start_paused = true)]
+async fn a_pong_behind_data_is_read_even_when_the_app_sends_a_lot() {
+    let config = heartbeat(SEC, SEC)
+        .liveness(Liveness::Pong)
+        .inbound_queue(std::num::NonZeroUsize::new(64).unwrap())
+        .outbound_queue(std::num::NonZeroUsize::new(1024).unwrap())
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (conn, mut peer) = accept_raw_with(&sup, 1 << 20).await;
+    let ping = peer.read_until(OP_PING).await.unwrap();
+    let sent = Instant::now();
+    sleep(SEC).await;
+    let mut burst = Vec::new();
+    for i in 0..50u8 {
+        burst.extend(encode(true, OP_BINARY, &[i; 100], true));
+    }
+    burst.extend(encode(true, OP_PONG, &ping.payload, true));
+    {
+        use tokio::io::AsyncWriteExt;
+        peer.writer.write_all(&burst).await.unwrap();
+    }
+    tokio::task::unconstrained(async {
+        for i in 0..500 {
+            conn.send(format!("out {i}")).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(Instant::now() - sent, SEC);
+    sleep(10 * MS).await;
+    assert!(conn.close_event().is_none(), "{:#?}", conn.close_event());
+}
+
+/// Pins a bug found in review: aligning first pings to shared slots pushed
+/// them past `interval + jitter` for connections opened off a slot boundary.
+#[tokio::test(start_paused = true)]
+async fn the_detection_bound_holds_for_connections_opened_off_the_slot_grid() {
+    let jitter = 100 * MS;
+    let config = heartbeat(SEC, 300 * MS)
+        .ping_jitter(jitter)
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    for offset in [3, 7, 11] {
+        sleep(MS * offset).await;
+        let (conn, peer) = accept_raw(&sup).await;
+        let opened = Instant::now();
+        let drained = tokio::spawn(peer.drain());
+        conn.closed().await;
+        let died = Instant::now() - opened;
+        // interval + jitter + timeout, plus the 1 ms timer granularity.
+        assert!(
+            died <= SEC + jitter + 300 * MS + MS,
+            "opened at +{offset} ms: died after {died:?}"
+        );
+        drained.await.unwrap();
+    }
+}
