@@ -101,9 +101,7 @@ async fn normal__application_drops_connection() {
     let received = peer.next().await.unwrap().unwrap();
     assert!(matches!(received, Message::Close(Some(f)) if f.code == CloseCode::Normal));
     while peer.next().await.is_some() {}
-    while events.len() == 0 {
-        sleep(MS).await;
-    }
+    events.wait_for(1).await;
     assert_reason(&events.only(), R::Normal, Local);
 }
 
@@ -286,9 +284,7 @@ async fn internal__application_panicked_holding_the_connection() {
     let received = peer.next().await.unwrap().unwrap();
     assert!(matches!(received, Message::Close(Some(f)) if f.code == CloseCode::Error));
     while peer.next().await.is_some() {}
-    while events.len() == 0 {
-        sleep(MS).await;
-    }
+    events.wait_for(1).await;
     let event = events.only();
     assert_reason(&event, R::Internal, Local);
     assert_eq!(event.code_sent, Some(CloseCode::Error));
@@ -425,9 +421,7 @@ async fn refused__at_capacity_with_503() {
     }
     // A slot frees once a connection has ended and its hook has run.
     drop(a);
-    while events.len() == 0 {
-        sleep(MS).await;
-    }
+    events.wait_for(1).await;
     let (_c, _pc) = accept_raw(&sup).await;
     assert_eq!(sup.len(), 2);
     assert_eq!(sup.handshake_failures(HandshakeFailure::AtCapacity), 1);
@@ -590,9 +584,7 @@ async fn normal__queued_message_goes_out_before_the_drop_close() {
         }
     }
     assert_eq!(texts, ["last words"]);
-    while events.len() == 0 {
-        sleep(MS).await;
-    }
+    events.wait_for(1).await;
     assert_reason(&events.only(), R::Normal, Local);
 }
 
@@ -616,7 +608,10 @@ async fn send_after_close_is_refused_as_closed() {
     let sender = conn.sender();
     conn.close(CloseCode::Normal, "").await.unwrap();
     let drained = tokio::spawn(peer.drain());
-    while !sender.is_closed() {
+    for _ in 0..10_000 {
+        if sender.is_closed() {
+            break;
+        }
         sleep(MS).await;
     }
     assert!(sender.send("too late").await.unwrap_err().is_closed());
@@ -719,9 +714,7 @@ async fn normal__dropped_connection_closes_although_another_sender_keeps_sending
     drop(conn);
     let sent = chatty.await.unwrap();
     assert!(sent < 100_000, "sends kept being accepted after the drop");
-    while events.len() == 0 {
-        sleep(MS).await;
-    }
+    events.wait_for(1).await;
     assert_reason(&events.only(), R::Normal, Local);
     drained.abort();
 }

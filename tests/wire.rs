@@ -75,13 +75,7 @@ async fn echo_ping_and_normal_close_over_tcp() {
 
     client.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(BOUND, client.next()).await {}
-    timeout(BOUND, async {
-        while events.len() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    events.wait_for(1).await;
     let event = events.only();
     assert_eq!(
         (event.reason, event.initiator),
@@ -120,13 +114,7 @@ async fn supervised_client_and_server_measure_rtt_both_ways() {
     let summary = client.shutdown(Duration::from_secs(5)).await;
     assert_eq!(summary.count(CloseReason::GoingAway), 1);
     assert_eq!(summary.forced(), 0);
-    timeout(BOUND, async {
-        while server_events.len() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    server_events.wait_for(1).await;
     let event = server_events.only();
     assert_eq!(
         (event.reason, event.initiator),
@@ -211,13 +199,7 @@ async fn reset_by_peer_is_abnormal() {
     // SO_LINGER 0: closing sends RST instead of FIN.
     tcp.set_zero_linger().unwrap();
     drop(tcp);
-    timeout(BOUND, async {
-        while events.len() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    events.wait_for(1).await;
     let event = events.only();
     assert_eq!(
         (event.reason, event.initiator),

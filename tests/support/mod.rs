@@ -43,6 +43,18 @@ impl Events {
         self.0.lock().unwrap().len()
     }
 
+    /// Waits until at least `n` events were recorded: bounded to 10 000
+    /// steps of 1 ms (virtual under paused time), then fails.
+    pub async fn wait_for(&self, n: usize) {
+        for _ in 0..10_000 {
+            if self.len() >= n {
+                return;
+            }
+            tokio::time::sleep(MS).await;
+        }
+        panic!("expected {n} close events, got {}", self.len());
+    }
+
     /// The single event recorded; fails if there are zero or several.
     pub fn only(&self) -> CloseEvent {
         let all = self.all();
