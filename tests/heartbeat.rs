@@ -308,6 +308,18 @@ async fn jitter_spreads_first_pings_within_bound() {
     assert!(firsts.len() > 10, "phases are not spread: {firsts:?}");
 }
 
+/// 50 data frames and then the pong to `ping`, in one write: a pong queued
+/// behind data.
+async fn data_then_pong(peer: &mut RawPeer<tokio::io::DuplexStream>, ping: &Frame) {
+    use tokio::io::AsyncWriteExt;
+    let mut burst = Vec::new();
+    for i in 0..50u8 {
+        burst.extend(encode(true, OP_BINARY, &[i; 100], true));
+    }
+    burst.extend(encode(true, OP_PONG, &ping.payload, true));
+    peer.writer.write_all(&burst).await.unwrap();
+}
+
 /// Pins a bug found in review: when the deadline timer and a burst of data
 /// with the pong at its end arrived together, the timeout was declared after
 /// reading the first message, before the pong was read.
@@ -322,17 +334,9 @@ async fn a_pong_queued_behind_data_at_the_deadline_is_read_first() {
     let (conn, mut peer) = accept_raw(&sup).await;
     let ping = peer.read_until(OP_PING).await.unwrap();
     let sent = Instant::now();
-    // Exactly at the deadline, 50 data frames and then the pong, in one write.
+    // Exactly at the deadline.
     sleep(SEC).await;
-    let mut burst = Vec::new();
-    for i in 0..50u8 {
-        burst.extend(encode(true, OP_BINARY, &[i; 100], true));
-    }
-    burst.extend(encode(true, OP_PONG, &ping.payload, true));
-    {
-        use tokio::io::AsyncWriteExt;
-        peer.writer.write_all(&burst).await.unwrap();
-    }
+    data_then_pong(&mut peer, &ping).await;
     assert_eq!(Instant::now() - sent, SEC);
     sleep(10 * MS).await;
     assert!(conn.close_event().is_none(), "{:#?}", conn.close_event());
@@ -355,15 +359,7 @@ async fn a_pong_behind_data_is_read_even_when_the_app_sends_a_lot() {
     let ping = peer.read_until(OP_PING).await.unwrap();
     let sent = Instant::now();
     sleep(SEC).await;
-    let mut burst = Vec::new();
-    for i in 0..50u8 {
-        burst.extend(encode(true, OP_BINARY, &[i; 100], true));
-    }
-    burst.extend(encode(true, OP_PONG, &ping.payload, true));
-    {
-        use tokio::io::AsyncWriteExt;
-        peer.writer.write_all(&burst).await.unwrap();
-    }
+    data_then_pong(&mut peer, &ping).await;
     tokio::task::unconstrained(async {
         for i in 0..500 {
             conn.send(format!("out {i}")).await.unwrap();
