@@ -872,10 +872,12 @@ impl Core {
         metrics.lifetime.record(secs(event.duration));
         // The live count and gauge change here and only here (and once, at
         // registration), next to the hooks: they return exactly to zero.
-        inner.live.fetch_sub(1, Relaxed);
+        let remaining = inner.live.fetch_sub(1, Relaxed) - 1;
         metrics.connections.decrement(1.0);
         if inner.shutdown_deadline.get().is_some() {
-            metrics.shutdown_remaining.decrement(1.0);
+            // Set, not decremented: exact even for a connection that ended
+            // while `shutdown` was taking its first reading.
+            metrics.shutdown_remaining.set(remaining as f64);
         }
         self.slot = None;
         self.shared.finish(event);
