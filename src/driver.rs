@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::PollSender;
 
 use crate::close::{Cause, CloseEvent, CloseReason, Initiator, classify, code_for_error};
-use crate::connection::{Command, ConnectionId, Inbound, Outbound, Shared, Stats};
+use crate::connection::{Command, ConnectionId, Inbound, Outbound, Shared};
 use crate::error::Error;
 use crate::heartbeat::{Heartbeat, Pong};
 use crate::metrics::secs;
@@ -843,8 +843,7 @@ impl Core {
                 provisional: false,
             }
         });
-        let mut stats: Stats = self.shared.stats();
-        stats.since_last_inbound = Instant::now().saturating_duration_since(self.hb.last_inbound());
+        let stats = self.shared.stats();
         let event = CloseEvent {
             id: self.id,
             peer_addr: self.peer_addr,

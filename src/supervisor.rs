@@ -6,7 +6,9 @@ use std::future::{Future, IntoFuture};
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -107,7 +109,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown_deadline: OnceLock<Instant>,
     /// Guards "not shutting down" + spawn against `shutdown` (see `register`).
     closing: Mutex<bool>,
-    /// Set before `cancel` fires: lets drivers skip polling it until then.
+    /// Set with `closing`, before `cancel` fires: a lock-free "shutting down"
+    /// for `reserve`, and lets drivers skip polling `cancel` until then.
     pub(crate) shutting_down: AtomicBool,
     next_id: AtomicU64,
     /// Connections whose driver runs (changed only where the hooks run).
@@ -433,8 +436,7 @@ impl Supervisor {
 
     /// Whether [`shutdown`](Self::shutdown) has started.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.cancel.is_cancelled()
-            || *self.inner.closing.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.shutting_down.load(Acquire)
     }
 
     /// Connections that completed their handshake, since the start.
@@ -477,9 +479,9 @@ impl Supervisor {
         {
             let mut closing = self.inner.closing.lock().unwrap_or_else(|e| e.into_inner());
             *closing = true;
+            let _ = self.inner.shutdown_deadline.set(started + grace);
+            self.inner.shutting_down.store(true, Release);
         }
-        let _ = self.inner.shutdown_deadline.set(started + grace);
-        self.inner.shutting_down.store(true, Release);
         // From here each finishing driver counts this gauge down.
         let metrics = &self.inner.metrics;
         metrics.shutdown_remaining.set(self.len() as f64);
