@@ -285,6 +285,41 @@ pub struct Connection {
     sender: Sender,
     shared: std::sync::Arc<Shared>,
     peer_addr: Option<SocketAddr>,
+    /// The subprotocol agreed in the handshake.
+    protocol: Option<Box<str>>,
+}
+
+/// What the way in knows about a connection when it is registered.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) struct ConnInfo {
+    /// Which side of the handshake we were.
+    pub(crate) role: Role,
+    /// The request path (`/ws`), where the way in knows it.
+    pub(crate) path: Option<Box<str>>,
+    /// The subprotocol agreed in the handshake.
+    pub(crate) protocol: Option<Box<str>>,
+}
+
+/// Which side of the opening handshake the supervisor was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Role {
+    /// We accepted the connection (`accept`, an upgrade, or `supervise`).
+    #[default]
+    Server,
+    /// We opened it (`connect`).
+    Client,
+}
+
+impl Role {
+    /// `"server"` or `"client"`.
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Client => "client",
+        }
+    }
 }
 
 impl Connection {
@@ -293,12 +328,14 @@ impl Connection {
         sender: Sender,
         shared: std::sync::Arc<Shared>,
         peer_addr: Option<SocketAddr>,
+        protocol: Option<Box<str>>,
     ) -> Self {
         Self {
             rx,
             sender,
             shared,
             peer_addr,
+            protocol,
         }
     }
 
@@ -310,6 +347,12 @@ impl Connection {
     /// The peer's address, when the transport has one.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_addr
+    }
+
+    /// The subprotocol agreed in the opening handshake
+    /// (`Sec-WebSocket-Protocol`), if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
     }
 
     /// A cloneable sender for this connection.
@@ -406,6 +449,7 @@ impl fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("id", &self.sender.id)
             .field("peer_addr", &self.peer_addr)
+            .field("protocol", &self.protocol)
             .field("closed", &self.shared.event().is_some())
             .finish()
     }

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::connection::{Connection, ConnectionId, Sender, Shared};
+use crate::connection::{ConnInfo, Connection, ConnectionId, Role, Sender, Shared};
 use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
@@ -283,7 +283,7 @@ impl Supervisor {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match self.reserve() {
-            Ok(slot) => self.register(ws, peer_addr, slot),
+            Ok(slot) => self.register(ws, peer_addr, slot, ConnInfo::default()),
             Err(cause) => {
                 let code = match cause {
                     HandshakeFailure::AtCapacity => CloseCode::Again,
@@ -341,11 +341,17 @@ impl Supervisor {
             let peer_addr = tcp.peer_addr().ok();
             let stream = Transport::new(tcp, inner.config.read_buffer_size());
             let config = inner.config.websocket_config();
-            let (ws, _response) =
+            let path = request.uri().path().to_owned();
+            let (ws, response) =
                 tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
-            Ok((ws, peer_addr))
+            let protocol = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .map(Box::from);
+            Ok((ws, peer_addr, path, protocol))
         };
-        let (ws, peer_addr) =
+        let (ws, peer_addr, path, protocol) =
             match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
                 Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
                 Ok(Err(e)) => {
@@ -357,7 +363,12 @@ impl Supervisor {
                 }
                 Ok(Ok(connected)) => connected,
             };
-        self.register(ws, peer_addr, slot)
+        let info = ConnInfo {
+            role: Role::Client,
+            path: Some(path.into()),
+            protocol,
+        };
+        self.register(ws, peer_addr, slot, info)
     }
 
     /// Takes a slot for one connection, if allowed.
@@ -383,6 +394,7 @@ impl Supervisor {
         ws: WebSocketStream<S>,
         peer_addr: Option<SocketAddr>,
         slot: Slot,
+        info: ConnInfo,
     ) -> Result<Connection, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -421,7 +433,7 @@ impl Supervisor {
             inner.metrics.accepted.increment(1);
             inner.tracker.spawn(driver.run());
         }
-        Ok(Connection::new(in_rx, sender, shared, peer_addr))
+        Ok(Connection::new(in_rx, sender, shared, peer_addr, info.protocol))
     }
 
     /// Number of live supervised connections (hooks not yet run).
@@ -625,7 +637,7 @@ where
                 Ok(Ok(ws)) => ws,
             };
             match slot {
-                Some(slot) => supervisor.register(ws, self.peer_addr, slot),
+                Some(slot) => supervisor.register(ws, self.peer_addr, slot, ConnInfo::default()),
                 // Unreachable in practice: the gate refused the handshake.
                 None => {
                     Err(inner.fail_handshake(refuse.unwrap_or(HandshakeFailure::AtCapacity), None))
