@@ -32,81 +32,43 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use ws_supervisor::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use ws_supervisor::{CloseCode, CloseEvent, Config, Supervisor};
+use ws_supervisor::{CloseCode, Config, Supervisor};
+
+mod common;
+
+use common::{ServeFlags, print_event};
 
 /// The demo's command line.
 #[derive(Debug)]
 struct Args {
-    listen: SocketAddr,
-    ping_interval: Duration,
-    pong_timeout: Duration,
+    serve: ServeFlags,
     simulate: bool,
     metrics_listen: SocketAddr,
 }
 
 const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR]";
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut parsed = Args {
-        listen: "127.0.0.1:9001".parse().expect("valid default"),
-        ping_interval: Duration::from_millis(1000),
-        pong_timeout: Duration::from_millis(1000),
-        simulate: true,
-        metrics_listen: "127.0.0.1:9000".parse().expect("valid default"),
-    };
-    while let Some(flag) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--listen" => {
-                let v = value("--listen")?;
-                parsed.listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
-            }
-            "--ping-interval-ms" => parsed.ping_interval = millis(&value("--ping-interval-ms")?)?,
-            "--pong-timeout-ms" => parsed.pong_timeout = millis(&value("--pong-timeout-ms")?)?,
-            "--no-simulate" => parsed.simulate = false,
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut simulate = true;
+    let mut metrics_listen: SocketAddr = "127.0.0.1:9000".parse().expect("valid default");
+    let serve = ServeFlags::new("127.0.0.1:9001").parse(args, USAGE, |flag, value| {
+        match flag {
+            "--no-simulate" => simulate = false,
             "--metrics-listen" => {
-                let v = value("--metrics-listen")?;
-                parsed.metrics_listen = v
+                let v = value()?;
+                metrics_listen = v
                     .parse()
                     .map_err(|e| format!("--metrics-listen {v}: {e}"))?;
             }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+            _ => return Ok(false),
         }
-    }
-    Ok(parsed)
-}
-
-fn millis(v: &str) -> Result<Duration, String> {
-    v.parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|e| format!("{v}: {e}"))
-}
-
-fn print_event(e: &CloseEvent) {
-    let code =
-        |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
-    let ms = |d: Option<Duration>| {
-        d.map_or_else(
-            || "-".to_owned(),
-            |d| format!("{:.1}ms", d.as_secs_f64() * 1e3),
-        )
-    };
-    println!(
-        "closed id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
-        e.id.as_u64(),
-        e.peer_addr
-            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        e.reason.as_str(),
-        e.initiator.as_str(),
-        code(e.code_sent),
-        code(e.code_received),
-        e.duration.as_secs_f64(),
-        e.stats.pings_sent,
-        e.stats.pongs_received,
-        ms(e.stats.last_rtt),
-        ms(e.stats.smoothed_rtt),
-    );
+        Ok(true)
+    })?;
+    Ok(Args {
+        serve,
+        simulate,
+        metrics_listen,
+    })
 }
 
 #[tokio::main]
@@ -119,8 +81,8 @@ async fn main() -> ExitCode {
         }
     };
     let config = match Config::builder()
-        .ping_interval(args.ping_interval)
-        .pong_timeout(args.pong_timeout)
+        .ping_interval(args.serve.ping_interval)
+        .pong_timeout(args.serve.pong_timeout)
         .close_timeout(Duration::from_secs(2))
         .build()
     {
@@ -142,25 +104,25 @@ async fn main() -> ExitCode {
         .on_close(print_event)
         .metric_label("supervisor", "demo")
         .build();
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match TcpListener::bind(args.serve.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.listen);
+            eprintln!("cannot listen on {}: {e}", args.serve.listen);
             return ExitCode::FAILURE;
         }
     };
     let addr = listener.local_addr().expect("bound");
     println!(
         "listening on ws://{addr}/ (ping every {:?}, pong timeout {:?}); Ctrl-C to stop",
-        args.ping_interval, args.pong_timeout
+        args.serve.ping_interval, args.serve.pong_timeout
     );
 
     tokio::spawn(serve(listener, supervisor.clone()));
     if args.simulate {
         tokio::spawn(fleet(
             addr,
-            args.ping_interval,
-            args.ping_interval + args.pong_timeout,
+            args.serve.ping_interval,
+            args.serve.ping_interval + args.serve.pong_timeout,
         ));
     }
 

@@ -1,7 +1,7 @@
 //! Validated supervisor settings. See [`Config`].
 
 use std::fmt;
-use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -53,13 +53,15 @@ pub struct Config {
     handshake_timeout: Duration,
     close_timeout: Duration,
     write_timeout: Duration,
-    max_connections: Option<NonZeroUsize>,
+    max_connections: Option<usize>,
+    max_handshakes_per_ip: Option<usize>,
+    allowed_origins: Option<Arc<[Box<str>]>>,
     max_message_size: usize,
     max_frame_size: usize,
     read_buffer_size: usize,
     write_buffer_limit: usize,
-    inbound_queue: NonZeroUsize,
-    outbound_queue: NonZeroUsize,
+    inbound_queue: usize,
+    outbound_queue: usize,
 }
 
 impl Default for Config {
@@ -105,8 +107,18 @@ impl Config {
         self.write_timeout
     }
     /// Maximum number of live connections, if limited.
-    pub const fn max_connections(&self) -> Option<NonZeroUsize> {
+    pub const fn max_connections(&self) -> Option<usize> {
         self.max_connections
+    }
+    /// Maximum number of opening handshakes in flight from one IP address,
+    /// if limited.
+    pub const fn max_handshakes_per_ip(&self) -> Option<usize> {
+        self.max_handshakes_per_ip
+    }
+    /// The `Origin` values an upgrade request may carry, if restricted
+    /// (normalized to lower case).
+    pub fn allowed_origins(&self) -> Option<&[Box<str>]> {
+        self.allowed_origins.as_deref()
     }
     /// Largest inbound message, in bytes.
     pub const fn max_message_size(&self) -> usize {
@@ -125,18 +137,46 @@ impl Config {
         self.write_buffer_limit
     }
     /// Messages received but not yet taken by the application, per connection.
-    pub const fn inbound_queue(&self) -> NonZeroUsize {
+    pub const fn inbound_queue(&self) -> usize {
         self.inbound_queue
     }
     /// Messages sent by the application but not yet written, per connection.
-    pub const fn outbound_queue(&self) -> NonZeroUsize {
+    pub const fn outbound_queue(&self) -> usize {
         self.outbound_queue
     }
 
-    /// The tungstenite settings these knobs translate to, for connections
-    /// whose transport the supervisor wraps in its own read layer
-    /// (`transport.rs`), which does the large reads.
-    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
+    /// The tungstenite settings these knobs translate to: the message and
+    /// frame limits, a bounded write buffer, and a small tungstenite read
+    /// buffer that assumes the stream underneath is wrapped in a
+    /// [`ReadLayer`](crate::ReadLayer), which does the large reads.
+    ///
+    /// Every connection the supervisor builds itself (`accept`, `connect`,
+    /// the hyper and axum upgrades) uses exactly this. Use it, with a
+    /// [`ReadLayer`](crate::ReadLayer), when you build a `WebSocketStream`
+    /// yourself for [`Supervisor::supervise`](crate::Supervisor::supervise):
+    /// `supervise` keeps whatever config the stream was built with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tokio_tungstenite::WebSocketStream;
+    /// use ws_supervisor::tungstenite::protocol::Role;
+    /// use ws_supervisor::{Config, ReadLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let config = Config::default();
+    /// let (io, _peer) = tokio::io::duplex(64 * 1024); // an upgraded stream
+    /// let ws = WebSocketStream::from_raw_socket(
+    ///     ReadLayer::new(io, &config),
+    ///     Role::Server,
+    ///     Some(config.websocket_config()),
+    /// )
+    /// .await;
+    /// assert_eq!(ws.get_config().max_message_size, Some(config.max_message_size()));
+    /// # }
+    /// ```
+    pub fn websocket_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(crate::transport::TUNGSTENITE_READ_BUFFER)
             // Write each message straight to the socket: the driver flushes
@@ -162,25 +202,20 @@ pub struct ConfigBuilder {
     handshake_timeout: Duration,
     close_timeout: Duration,
     write_timeout: Duration,
-    max_connections: Option<NonZeroUsize>,
+    max_connections: Option<usize>,
+    max_handshakes_per_ip: Option<usize>,
+    allowed_origins: Option<Vec<String>>,
     max_message_size: usize,
     max_frame_size: usize,
     read_buffer_size: usize,
     write_buffer_limit: usize,
-    inbound_queue: NonZeroUsize,
-    outbound_queue: NonZeroUsize,
+    inbound_queue: usize,
+    outbound_queue: usize,
 }
 
 impl Default for ConfigBuilder {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-const fn nz(n: usize) -> NonZeroUsize {
-    match NonZeroUsize::new(n) {
-        Some(n) => n,
-        None => panic!("zero"),
     }
 }
 
@@ -196,12 +231,14 @@ impl ConfigBuilder {
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             max_connections: None,
+            max_handshakes_per_ip: None,
+            allowed_origins: None,
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             read_buffer_size: 4 << 10,
             write_buffer_limit: 4 << 20,
-            inbound_queue: nz(32),
-            outbound_queue: nz(64),
+            inbound_queue: 32,
+            outbound_queue: 64,
         }
     }
 
@@ -285,10 +322,52 @@ impl ConfigBuilder {
     /// Maximum number of live connections; beyond it new ones are refused
     /// (HTTP 503 on [`accept`](crate::Supervisor::accept)).
     ///
+    /// Must be at least 1.
+    ///
     /// # Default
-    /// `None`: unlimited (the process's file-descriptor limit still applies).
-    pub const fn max_connections(mut self, max: Option<NonZeroUsize>) -> Self {
-        self.max_connections = max;
+    /// Unlimited (the process's file-descriptor limit still applies).
+    pub const fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = Some(max);
+        self
+    }
+
+    /// Maximum number of opening handshakes in flight from one IP address
+    /// (from the first byte of the request to the upgraded connection);
+    /// beyond it new ones are refused with HTTP 429 and
+    /// [`HandshakeFailure::PeerLimit`](crate::HandshakeFailure::PeerLimit).
+    /// It caps what one host can hold with slow or silent handshakes;
+    /// established connections do not count. Applies where the peer's
+    /// address is known (`accept_tcp`, [`Accept::peer_addr`](crate::Accept::peer_addr),
+    /// the hyper and axum upgrades given the address). Must be at least 1.
+    ///
+    /// # Default
+    /// Unlimited: behind a reverse proxy or a large NAT, every peer shares
+    /// one address, and a default cap would refuse them all under load.
+    pub const fn max_handshakes_per_ip(mut self, max: usize) -> Self {
+        self.max_handshakes_per_ip = Some(max);
+        self
+    }
+
+    /// Restricts the `Origin` header of upgrade requests to `origins`
+    /// (each `scheme://host[:port]`, compared case-insensitively, or
+    /// `null`): a request from any other origin is refused with HTTP 403 and
+    /// [`HandshakeFailure::Origin`](crate::HandshakeFailure::Origin).
+    ///
+    /// This is the defence against cross-site WebSocket hijacking: browsers
+    /// attach cookies to a WebSocket upgrade from any site, and always send
+    /// the page's `Origin`. A request *without* an `Origin` header (a
+    /// non-browser client) is allowed. An empty list refuses every request
+    /// that carries an `Origin`, i.e. every browser.
+    ///
+    /// # Default
+    /// Off: every origin is allowed. Turn it on for any service that browsers
+    /// reach with credentials (cookies, HTTP auth).
+    pub fn allowed_origins<I, T>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.allowed_origins = Some(origins.into_iter().map(Into::into).collect());
         self
     }
 
@@ -344,9 +423,11 @@ impl ConfigBuilder {
     /// full the supervisor stops reading that socket and suspends the pong
     /// deadline (see `docs/keepalive.md`).
     ///
+    /// Must be at least 1.
+    ///
     /// # Default
     /// 32.
-    pub const fn inbound_queue(mut self, messages: NonZeroUsize) -> Self {
+    pub const fn inbound_queue(mut self, messages: usize) -> Self {
         self.inbound_queue = messages;
         self
     }
@@ -354,9 +435,11 @@ impl ConfigBuilder {
     /// Messages the application has sent but the supervisor has not yet
     /// written. While it is full, [`Sender::send`](crate::Sender::send) waits.
     ///
+    /// Must be at least 1.
+    ///
     /// # Default
     /// 64.
-    pub const fn outbound_queue(mut self, messages: NonZeroUsize) -> Self {
+    pub const fn outbound_queue(mut self, messages: usize) -> Self {
         self.outbound_queue = messages;
         self
     }
@@ -365,8 +448,9 @@ impl ConfigBuilder {
     ///
     /// # Errors
     /// A [`ConfigError`] naming the first invalid setting: a zero duration,
-    /// jitter above the interval, a zero size, a frame limit above the
-    /// message limit, or a write-buffer limit below the read buffer.
+    /// jitter above the interval, a zero size or count, a frame limit above
+    /// the message limit, a write-buffer limit below the read buffer, or an
+    /// origin that is not `scheme://host[:port]`.
     pub fn build(self) -> Result<Config, ConfigError> {
         for (name, value) in [
             ("ping_interval", self.ping_interval),
@@ -399,6 +483,29 @@ impl ConfigBuilder {
                 return Err(ConfigError::ZeroSize(name));
             }
         }
+        for (name, value) in [
+            ("inbound_queue", Some(self.inbound_queue)),
+            ("outbound_queue", Some(self.outbound_queue)),
+            ("max_connections", self.max_connections),
+            ("max_handshakes_per_ip", self.max_handshakes_per_ip),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::ZeroCount(name));
+            }
+        }
+        let allowed_origins = match self.allowed_origins {
+            None => None,
+            Some(list) => {
+                let mut normalized = Vec::with_capacity(list.len());
+                for origin in list {
+                    if !is_origin(&origin) {
+                        return Err(ConfigError::InvalidOrigin(origin));
+                    }
+                    normalized.push(origin.to_ascii_lowercase().into_boxed_str());
+                }
+                Some(Arc::from(normalized))
+            }
+        };
         if self.read_buffer_size > crate::transport::CHUNK {
             return Err(ConfigError::ReadBufferTooLarge {
                 size: self.read_buffer_size,
@@ -427,6 +534,8 @@ impl ConfigBuilder {
             close_timeout: self.close_timeout,
             write_timeout: self.write_timeout,
             max_connections: self.max_connections,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            allowed_origins,
             max_message_size: self.max_message_size,
             max_frame_size: self.max_frame_size,
             read_buffer_size: self.read_buffer_size,
@@ -435,6 +544,25 @@ impl ConfigBuilder {
             outbound_queue: self.outbound_queue,
         })
     }
+}
+
+/// Whether `s` is an origin as browsers serialize it (RFC 6454):
+/// `scheme://host[:port]` with no path, or the opaque `null`.
+fn is_origin(s: &str) -> bool {
+    if s == "null" {
+        return true;
+    }
+    let Some((scheme, authority)) = s.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !authority.is_empty()
+        && !authority
+            .chars()
+            .any(|c| matches!(c, '/' | '?' | '#' | '@') || c.is_whitespace())
 }
 
 /// Smallest accepted write-buffer limit.
@@ -458,6 +586,10 @@ pub enum ConfigError {
     DurationTooLong(&'static str),
     /// A size that must be positive was zero; names the setting.
     ZeroSize(&'static str),
+    /// A count that must be at least 1 was zero; names the setting.
+    ZeroCount(&'static str),
+    /// An allowed origin is not `scheme://host[:port]` (nor `null`).
+    InvalidOrigin(String),
     /// The ping jitter exceeds the ping interval.
     JitterAboveInterval {
         /// The jitter asked for.
@@ -494,6 +626,11 @@ impl fmt::Display for ConfigError {
             Self::ZeroDuration(name) => write!(f, "{name} must be greater than zero"),
             Self::DurationTooLong(name) => write!(f, "{name} must not exceed one week"),
             Self::ZeroSize(name) => write!(f, "{name} must be greater than zero"),
+            Self::ZeroCount(name) => write!(f, "{name} must be at least 1"),
+            Self::InvalidOrigin(origin) => write!(
+                f,
+                "allowed origin {origin:?} is not scheme://host[:port] (e.g. https://example.com)"
+            ),
             Self::JitterAboveInterval { jitter, interval } => write!(
                 f,
                 "ping_jitter ({jitter:?}) must not exceed ping_interval ({interval:?})"
@@ -584,5 +721,70 @@ mod tests {
                 .build()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn counts_are_plain_numbers_and_zero_is_rejected() {
+        let b = Config::builder;
+        let c = b()
+            .inbound_queue(4)
+            .outbound_queue(8)
+            .max_connections(100)
+            .max_handshakes_per_ip(3)
+            .build()
+            .unwrap();
+        assert_eq!(c.inbound_queue(), 4);
+        assert_eq!(c.outbound_queue(), 8);
+        assert_eq!(c.max_connections(), Some(100));
+        assert_eq!(c.max_handshakes_per_ip(), Some(3));
+        assert_eq!(
+            Config::default().max_connections(),
+            None,
+            "unlimited by default"
+        );
+        assert_eq!(Config::default().max_handshakes_per_ip(), None);
+        for (err, name) in [
+            (b().inbound_queue(0).build(), "inbound_queue"),
+            (b().outbound_queue(0).build(), "outbound_queue"),
+            (b().max_connections(0).build(), "max_connections"),
+            (
+                b().max_handshakes_per_ip(0).build(),
+                "max_handshakes_per_ip",
+            ),
+        ] {
+            let err = err.unwrap_err();
+            assert_eq!(err, ConfigError::ZeroCount(name));
+            assert_eq!(err.to_string(), format!("{name} must be at least 1"));
+        }
+    }
+
+    #[test]
+    fn origins_are_validated_and_normalized() {
+        let c = Config::builder()
+            .allowed_origins(["https://Chat.Example.com", "http://127.0.0.1:8080", "null"])
+            .build()
+            .unwrap();
+        let got: Vec<&str> = c.allowed_origins().unwrap().iter().map(|o| &**o).collect();
+        assert_eq!(
+            got,
+            ["https://chat.example.com", "http://127.0.0.1:8080", "null"]
+        );
+        assert_eq!(Config::default().allowed_origins(), None, "off by default");
+        for bad in [
+            "example.com",
+            "https://example.com/",
+            "https://",
+            "://x",
+            "https://a b",
+        ] {
+            assert_eq!(
+                Config::builder()
+                    .allowed_origins([bad])
+                    .build()
+                    .unwrap_err(),
+                ConfigError::InvalidOrigin(bad.to_owned()),
+                "{bad}"
+            );
+        }
     }
 }

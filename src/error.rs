@@ -47,25 +47,48 @@ pub enum HandshakeFailure {
     Timeout,
     /// The application's request callback refused it (e.g. failed auth).
     Refused,
-    /// The supervisor already holds `max_connections`.
+    /// The supervisor already holds `max_connections` (HTTP 503 sent).
     AtCapacity,
-    /// The supervisor is shutting down.
+    /// The supervisor is shutting down (HTTP 503 sent).
     ShuttingDown,
-    /// The peer spoke invalid HTTP or WebSocket during the handshake.
+    /// The peer spoke invalid HTTP or WebSocket during the handshake: a
+    /// malformed request, not `GET`, no `Connection: upgrade`, a bad
+    /// `Sec-WebSocket-Key`, a request head over 16 KiB (HTTP 400 or 431 sent);
+    /// on the client side, any refusal or invalid answer from the server.
     Protocol,
-    /// The transport failed during the handshake (connect refused, reset).
+    /// The transport failed during the handshake (connect refused, reset,
+    /// EOF before the request was complete).
     Io,
+    /// A plain HTTP request, with no `Upgrade: websocket` (HTTP 426 sent):
+    /// a browser pointed at the WebSocket URL, a load balancer's health
+    /// check, a scanner.
+    NotWebSocket,
+    /// `Sec-WebSocket-Version` missing or not 13 (HTTP 426 sent, with
+    /// `Sec-WebSocket-Version: 13`).
+    UnsupportedVersion,
+    /// The `Origin` header is not in
+    /// [`allowed_origins`](crate::ConfigBuilder::allowed_origins) (HTTP 403 sent):
+    /// possibly a cross-site WebSocket hijacking attempt.
+    Origin,
+    /// More handshakes in flight from the peer's IP address than
+    /// [`max_handshakes_per_ip`](crate::ConfigBuilder::max_handshakes_per_ip)
+    /// (HTTP 429 sent).
+    PeerLimit,
 }
 
 impl HandshakeFailure {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 10] = [
         Self::Timeout,
         Self::Refused,
         Self::AtCapacity,
         Self::ShuttingDown,
         Self::Protocol,
         Self::Io,
+        Self::NotWebSocket,
+        Self::UnsupportedVersion,
+        Self::Origin,
+        Self::PeerLimit,
     ];
 
     /// A stable `snake_case` label, for metrics and logs.
@@ -77,6 +100,10 @@ impl HandshakeFailure {
             Self::ShuttingDown => "shutting_down",
             Self::Protocol => "protocol",
             Self::Io => "io",
+            Self::NotWebSocket => "not_websocket",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Origin => "origin",
+            Self::PeerLimit => "peer_limit",
         }
     }
 
@@ -94,6 +121,10 @@ impl fmt::Display for HandshakeFailure {
             Self::ShuttingDown => "supervisor is shutting down",
             Self::Protocol => "invalid handshake",
             Self::Io => "transport failed during the handshake",
+            Self::NotWebSocket => "not a WebSocket upgrade request",
+            Self::UnsupportedVersion => "unsupported WebSocket version",
+            Self::Origin => "origin not allowed",
+            Self::PeerLimit => "too many handshakes in flight from this address",
         })
     }
 }

@@ -96,13 +96,20 @@
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod accept;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
 mod close;
 mod config;
 mod connection;
 mod driver;
 mod error;
+mod handshake;
 mod heartbeat;
 mod hook;
+#[cfg(feature = "hyper")]
+mod hyper;
 pub mod metrics;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
@@ -110,12 +117,17 @@ pub mod prometheus;
 mod supervisor;
 mod transport;
 
+pub use accept::Accept;
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
 pub use connection::{Connection, ConnectionId, Sender, Stats};
 pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;
-pub use supervisor::{Accept, ShutdownSummary, Supervisor, SupervisorBuilder};
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub use hyper::{HttpUpgrade, UpgradeRejection, Upgrading};
+pub use supervisor::{ShutdownSummary, Supervisor, SupervisorBuilder};
+pub use transport::ReadLayer;
 
 /// The WebSocket implementation underneath, re-exported for its types
 /// ([`Message`](tungstenite::Message), request and response types).

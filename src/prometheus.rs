@@ -23,6 +23,51 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
         .set_buckets_for_metric(Matcher::Full(names::HOOK_DURATION.into()), buckets::HOOK)
 }
 
+/// Installs the global Prometheus recorder **without** an HTTP listener, for
+/// applications that serve `/metrics` from their own router (see
+/// `examples/axum.rs`): render the exposition with
+/// [`PrometheusHandle::render`]. A task on the current tokio runtime runs
+/// the recorder's upkeep every 5 s (draining histogram data, so memory stays
+/// bounded). Call it inside a tokio runtime, **before** building any
+/// [`Supervisor`](crate::Supervisor).
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle = ws_supervisor::prometheus::install_recorder()?;
+/// let supervisor = ws_supervisor::Supervisor::new(ws_supervisor::Config::default());
+/// assert!(supervisor.is_empty());
+/// // e.g. in a `/metrics` route:
+/// assert!(handle.render().contains("ws_supervisor_connections 0"));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// If a global recorder is already installed.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
+    let handle = builder()?.install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// How often [`install_recorder`]'s task runs the recorder's upkeep: the
+/// exporter's own default.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the global Prometheus recorder and serves the exposition over
 /// HTTP on `listen` (on every path, e.g. `/metrics`). Call it inside a tokio
 /// runtime, **before** building any [`Supervisor`](crate::Supervisor).

@@ -1,11 +1,10 @@
 //! The supervisor handle: accept, connect, supervise, shut down. See [`Supervisor`].
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::future::{Future, IntoFuture};
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
@@ -18,10 +17,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::UrlError;
-use tokio_tungstenite::tungstenite::handshake::server::{
-    Callback, ErrorResponse, NoCallback, Request, Response,
-};
-use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
@@ -35,7 +30,7 @@ use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
 use crate::metrics::Metrics;
-use crate::transport::Transport;
+use crate::transport::ReadLayer;
 
 /// Supervises WebSocket connections: pings each peer on a schedule, holds it
 /// to a pong deadline, and runs the close hooks exactly once per connection
@@ -121,6 +116,8 @@ pub(crate) struct Inner {
     pub(crate) closed: [AtomicU64; CloseReason::ALL.len()],
     pub(crate) forced: AtomicU64,
     handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// Handshakes in flight per peer IP, when `max_handshakes_per_ip` is set.
+    peers: Mutex<HashMap<IpAddr, usize>>,
     pub(crate) hook_panics: AtomicU64,
     /// Handles registered at build time (see `metrics.rs`).
     pub(crate) metrics: Metrics,
@@ -131,15 +128,68 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    fn fail_handshake(&self, cause: HandshakeFailure, source: Option<WsError>) -> Error {
+    /// Counts a failed handshake and returns its error.
+    pub(crate) fn fail_handshake(
+        &self,
+        cause: HandshakeFailure,
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
         self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
         self.metrics.handshake_failed(cause);
-        Error::handshake(cause, source.map(Into::into))
+        Error::handshake(cause, source)
+    }
+
+    /// Counts a handshake in flight from `peer`'s address against
+    /// `max_handshakes_per_ip`, until the guard drops. `Ok(None)` when there
+    /// is no cap or no address.
+    pub(crate) fn enter_handshake(
+        self: &Arc<Self>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<PeerGuard>, HandshakeFailure> {
+        let (Some(max), Some(peer)) = (self.config.max_handshakes_per_ip(), peer) else {
+            return Ok(None);
+        };
+        let ip = peer.ip();
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = peers.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(HandshakeFailure::PeerLimit);
+        }
+        *n += 1;
+        Ok(Some(PeerGuard {
+            inner: self.clone(),
+            ip,
+        }))
     }
 
     /// A pseudo-random `u64` for connection `id` and `purpose`.
     pub(crate) fn random(&self, id: ConnectionId, purpose: u8) -> u64 {
         self.seed.hash_one((id.0, purpose))
+    }
+}
+
+/// One handshake in flight from `ip`, counted until dropped (see
+/// [`Inner::enter_handshake`]).
+pub(crate) struct PeerGuard {
+    inner: Arc<Inner>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PeerGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerGuard").field("ip", &self.ip).finish()
     }
 }
 
@@ -201,6 +251,7 @@ impl SupervisorBuilder {
                 closed: Default::default(),
                 forced: AtomicU64::new(0),
                 handshake_failures: Default::default(),
+                peers: Mutex::default(),
                 hook_panics: AtomicU64::new(0),
                 metrics: Metrics::register(&self.labels),
                 seed: RandomState::new(),
@@ -240,27 +291,9 @@ impl Supervisor {
         &self.inner.config
     }
 
-    /// Performs the server side of the opening handshake on `stream` (TCP,
-    /// TLS, Unix, an in-memory duplex…) within the handshake timeout, then
-    /// supervises the connection.
-    ///
-    /// Returns an [`Accept`] to refine before awaiting it:
-    /// [`peer_addr`](Accept::peer_addr) records the address and
-    /// [`on_request`](Accept::on_request) lets the application inspect the
-    /// request (path, headers) and refuse it.
-    ///
-    /// # Errors
-    /// See [`Accept`].
-    pub fn accept<S>(&self, stream: S) -> Accept<'_, S, NoCallback>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        Accept {
-            supervisor: self,
-            stream,
-            peer_addr: None,
-            callback: NoCallback,
-        }
+    /// The state shared with the drivers, for the ways in.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// Supervises an already upgraded WebSocket (from hyper, axum, or a
@@ -339,7 +372,7 @@ impl Supervisor {
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let peer_addr = tcp.peer_addr().ok();
-            let stream = Transport::new(tcp, inner.config.read_buffer_size());
+            let stream = ReadLayer::with_chunk(tcp, inner.config.read_buffer_size());
             let config = inner.config.websocket_config();
             let path = request.uri().path().to_owned();
             let (ws, response) =
@@ -359,7 +392,7 @@ impl Supervisor {
                         WsError::Io(_) => HandshakeFailure::Io,
                         _ => HandshakeFailure::Protocol,
                     };
-                    return Err(inner.fail_handshake(cause, Some(e)));
+                    return Err(inner.fail_handshake(cause, Some(e.into())));
                 }
                 Ok(Ok(connected)) => connected,
             };
@@ -372,15 +405,11 @@ impl Supervisor {
     }
 
     /// Takes a slot for one connection, if allowed.
-    fn reserve(&self) -> Result<Slot, HandshakeFailure> {
+    pub(crate) fn reserve(&self) -> Result<Slot, HandshakeFailure> {
         if self.is_shutting_down() {
             return Err(HandshakeFailure::ShuttingDown);
         }
-        let max = self
-            .inner
-            .config
-            .max_connections()
-            .map_or(usize::MAX, |m| m.get());
+        let max = self.inner.config.max_connections().unwrap_or(usize::MAX);
         self.inner
             .slots
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
@@ -389,7 +418,7 @@ impl Supervisor {
     }
 
     /// Starts the driver task of an upgraded connection.
-    fn register<S>(
+    pub(crate) fn register<S>(
         &self,
         ws: WebSocketStream<S>,
         peer_addr: Option<SocketAddr>,
@@ -403,8 +432,8 @@ impl Supervisor {
         let config = &inner.config;
         let id = ConnectionId(inner.next_id.fetch_add(1, Relaxed));
         let shared = Arc::new(Shared::new(Instant::now()));
-        let (in_tx, in_rx) = mpsc::channel(config.inbound_queue().get());
-        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue().get());
+        let (in_tx, in_rx) = mpsc::channel(config.inbound_queue());
+        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue());
         let sender = Sender::new(out_tx, id, config.write_buffer_limit());
         let driver = Driver::new(
             ws,
@@ -433,7 +462,13 @@ impl Supervisor {
             inner.metrics.accepted.increment(1);
             inner.tracker.spawn(driver.run());
         }
-        Ok(Connection::new(in_rx, sender, shared, peer_addr, info.protocol))
+        Ok(Connection::new(
+            in_rx,
+            sender,
+            shared,
+            peer_addr,
+            info.protocol,
+        ))
     }
 
     /// Number of live supervised connections (hooks not yet run).
@@ -527,150 +562,6 @@ impl fmt::Debug for Supervisor {
             .field("shutting_down", &self.is_shutting_down())
             .field("hooks", &self.inner.hooks)
             .finish()
-    }
-}
-
-// ===== impl Accept =====
-
-/// A server handshake to refine, then await: see [`Supervisor::accept`].
-///
-/// Awaiting it yields the supervised [`Connection`].
-///
-/// # Errors
-/// A handshake error ([`Error::handshake_failure`]), with no hook call:
-/// `Timeout` (not finished within the handshake timeout), `Refused` (the
-/// request callback refused; its response was sent), `AtCapacity` (HTTP 503
-/// sent), `ShuttingDown` (HTTP 503 sent), `Protocol` (not a valid upgrade
-/// request) or `Io`.
-///
-/// # Cancel safety
-/// Cancel safe: dropping it before completion drops the stream; no hook runs.
-#[must_use = "futures do nothing unless awaited"]
-pub struct Accept<'a, S, C> {
-    supervisor: &'a Supervisor,
-    stream: S,
-    peer_addr: Option<SocketAddr>,
-    callback: C,
-}
-
-impl<'a, S, C> Accept<'a, S, C> {
-    /// Records the peer's address (reported in stats and events).
-    pub fn peer_addr(mut self, addr: SocketAddr) -> Self {
-        self.peer_addr = Some(addr);
-        self
-    }
-
-    /// Lets `callback` inspect the upgrade request and accept it (returning
-    /// the response, possibly with headers added) or refuse it (returning an
-    /// error response, e.g. 401), which fails the handshake with
-    /// [`HandshakeFailure::Refused`].
-    ///
-    /// Any `FnOnce(&Request, Response) -> Result<Response, ErrorResponse>`
-    /// is a callback.
-    pub fn on_request<C2>(self, callback: C2) -> Accept<'a, S, C2>
-    where
-        C2: Callback + Unpin + Send,
-    {
-        Accept {
-            supervisor: self.supervisor,
-            stream: self.stream,
-            peer_addr: self.peer_addr,
-            callback,
-        }
-    }
-}
-
-/// The application's callback, or a refusal decided before the handshake.
-struct Gate<C> {
-    callback: C,
-    refuse: Option<HandshakeFailure>,
-}
-
-impl<C: Callback> Callback for Gate<C> {
-    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        match self.refuse {
-            None => self.callback.on_request(request, response),
-            Some(cause) => {
-                let mut refusal = ErrorResponse::new(Some(cause.to_string()));
-                *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                Err(refusal)
-            }
-        }
-    }
-}
-
-impl<'a, S, C> IntoFuture for Accept<'a, S, C>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    C: Callback + Unpin + Send + 'a,
-{
-    type Output = Result<Connection, Error>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let supervisor = self.supervisor;
-            let inner = &supervisor.inner;
-            let (slot, refuse) = match supervisor.reserve() {
-                Ok(slot) => (Some(slot), None),
-                Err(cause) => (None, Some(cause)),
-            };
-            let gate = Gate {
-                callback: self.callback,
-                refuse,
-            };
-            let config = inner.config.websocket_config();
-            let stream = Transport::new(self.stream, inner.config.read_buffer_size());
-            let handshake =
-                tokio_tungstenite::accept_hdr_async_with_config(stream, gate, Some(config));
-            let ws = match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
-                Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
-                Ok(Err(e)) => {
-                    let cause = match (&e, refuse) {
-                        (WsError::Http(_), Some(cause)) => cause,
-                        (WsError::Http(_), None) => HandshakeFailure::Refused,
-                        (WsError::Io(_), _) => HandshakeFailure::Io,
-                        _ => HandshakeFailure::Protocol,
-                    };
-                    return Err(inner.fail_handshake(cause, Some(e)));
-                }
-                Ok(Ok(ws)) => ws,
-            };
-            match slot {
-                Some(slot) => supervisor.register(ws, self.peer_addr, slot, ConnInfo::default()),
-                // Unreachable in practice: the gate refused the handshake.
-                None => {
-                    Err(inner.fail_handshake(refuse.unwrap_or(HandshakeFailure::AtCapacity), None))
-                }
-            }
-        })
-    }
-}
-
-impl<S, C> fmt::Debug for Accept<'_, S, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Accept")
-            .field("peer_addr", &self.peer_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Accepts a TCP stream, recording its peer address: shorthand for
-/// `supervisor.accept(tcp).peer_addr(tcp.peer_addr()?)`.
-impl Supervisor {
-    /// Shorthand for [`accept`](Self::accept) on a TCP stream that records
-    /// its peer address.
-    ///
-    /// # Errors
-    /// As [`Accept`].
-    ///
-    /// # Cancel safety
-    /// Cancel safe, as [`Accept`].
-    pub async fn accept_tcp(&self, tcp: TcpStream) -> Result<Connection, Error> {
-        match tcp.peer_addr() {
-            Ok(addr) => self.accept(tcp).peer_addr(addr).await,
-            Err(_) => self.accept(tcp).await,
-        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! A read buffer that exists only while there is unparsed data. See [`Transport`].
+//! A read buffer that exists only while there is unparsed data. See [`ReadLayer`].
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -7,6 +7,8 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::config::Config;
+
 /// Largest accepted `read_buffer_size`: the stack buffer of one read.
 pub(crate) const CHUNK: usize = 64 * 1024;
 
@@ -14,18 +16,24 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 /// it: small, because this layer does the large reads.
 pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 
-/// The stream under tungstenite for connections the supervisor opens or
-/// accepts itself.
+/// The stream under tungstenite for every connection the supervisor builds
+/// itself (`accept`, `connect`, the hyper and axum upgrades), public so that
+/// a `WebSocketStream` built elsewhere for
+/// [`Supervisor::supervise`](crate::Supervisor::supervise) can have it too.
 ///
 /// tungstenite allocates its read buffer eagerly, per connection, and
 /// zero-fills it on every read: 128 KiB by default, which is most of the
-/// memory of an idle connection. Here tungstenite gets a small buffer, and
-/// this layer reads up to `chunk` bytes per system call into a stack buffer,
+/// memory of an idle connection. Under this layer tungstenite gets a small
+/// buffer (see [`Config::websocket_config`]), and the layer reads up to
+/// [`Config::read_buffer_size`] bytes per system call into a stack buffer,
 /// handing tungstenite what it asks for; only bytes tungstenite has not yet
 /// asked for are kept on the heap, and that allocation is freed as soon as it
 /// is drained. An idle connection therefore holds no read buffer here.
+///
+/// Use it together with [`Config::websocket_config`]: the example there
+/// builds a stream exactly as the supervisor does.
 #[derive(Debug)]
-pub(crate) struct Transport<S> {
+pub struct ReadLayer<S> {
     io: S,
     /// Bytes read but not yet handed out, from `pos`.
     spill: Vec<u8>,
@@ -34,21 +42,44 @@ pub(crate) struct Transport<S> {
     chunk: usize,
 }
 
-impl<S> Transport<S> {
-    pub(crate) fn new(io: S, chunk: usize) -> Self {
+impl<S> ReadLayer<S> {
+    /// Wraps `io`, reading [`Config::read_buffer_size`] bytes per system call.
+    pub fn new(io: S, config: &Config) -> Self {
+        Self::with_chunk(io, config.read_buffer_size())
+    }
+
+    /// Wraps `io`, reading up to `chunk` bytes per system call.
+    pub(crate) fn with_chunk(io: S, chunk: usize) -> Self {
+        Self::with_prefix(io, chunk, Vec::new())
+    }
+
+    /// Wraps `io` whose first bytes, `prefix`, were already read from it
+    /// (what followed an HTTP request in the same read).
+    pub(crate) fn with_prefix(io: S, chunk: usize, prefix: Vec<u8>) -> Self {
         Self {
             io,
-            spill: Vec::new(),
+            spill: prefix,
             pos: 0,
             chunk: chunk.clamp(1, CHUNK),
         }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// The wrapped stream, mutably. Reading from it directly would skip
+    /// bytes this layer already holds.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
     }
 }
 
 /// Stack buffer for chunks up to the default `read_buffer_size`.
 const SMALL_CHUNK: usize = 4 * 1024;
 
-impl<S: AsyncRead + Unpin> Transport<S> {
+impl<S: AsyncRead + Unpin> ReadLayer<S> {
     // Separate frames, so the common path does not reserve 64 KiB of stack.
     #[inline(never)]
     fn read_small(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -82,7 +113,7 @@ impl<S: AsyncRead + Unpin> Transport<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Transport<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -114,7 +145,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Transport<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Transport<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -152,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn small_reads_are_served_from_one_chunk_then_the_spill_is_freed() {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
-        let mut t = Transport::new(rx, 4096);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
         let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
         tx.write_all(&data).await.unwrap();
         let mut got = vec![0u8; 100];
@@ -168,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn large_reads_go_straight_through() {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
-        let mut t = Transport::new(rx, 1024);
+        let mut t = ReadLayer::with_chunk(rx, 1024);
         tx.write_all(&[7u8; 5000]).await.unwrap();
         drop(tx);
         let mut all = Vec::new();

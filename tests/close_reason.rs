@@ -5,7 +5,6 @@
 mod support;
 
 use std::future::IntoFuture;
-use std::num::NonZeroUsize;
 
 use futures::{SinkExt, StreamExt};
 use support::*;
@@ -399,10 +398,7 @@ async fn refused__by_the_request_callback() {
 
 #[tokio::test(start_paused = true)]
 async fn refused__at_capacity_with_503() {
-    let config = Config::builder()
-        .max_connections(NonZeroUsize::new(2))
-        .build()
-        .unwrap();
+    let config = Config::builder().max_connections(2).build().unwrap();
     let (sup, events) = supervisor(config);
     let (a, _pa) = accept_raw(&sup).await;
     let (_b, _pb) = accept_raw(&sup).await;
@@ -496,7 +492,7 @@ async fn send_refuses_control_frames_and_oversized_messages() {
 #[tokio::test(start_paused = true)]
 async fn normal__application_close_while_inbound_queue_full() {
     let config = Config::builder()
-        .inbound_queue(NonZeroUsize::new(1).unwrap())
+        .inbound_queue(1)
         .close_timeout(2 * SEC)
         .build()
         .unwrap();
@@ -660,7 +656,7 @@ async fn timeout__write_stalled_by_pong_replies() {
 async fn a_message_after_a_burst_goes_out_at_once() {
     // No ping in the 300 s of this test: only the message can wake the driver.
     let config = heartbeat(3600 * SEC, 60 * SEC)
-        .outbound_queue(NonZeroUsize::new(1024).unwrap())
+        .outbound_queue(1024)
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);

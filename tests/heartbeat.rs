@@ -238,7 +238,7 @@ async fn liveness_policy_any_frame_versus_pong_only() {
 async fn full_inbound_queue_suspends_the_pong_deadline() {
     let config = heartbeat(SEC, SEC)
         .liveness(Liveness::Pong)
-        .inbound_queue(std::num::NonZeroUsize::new(4).unwrap())
+        .inbound_queue(4)
         .build()
         .unwrap();
     let (sup, events) = supervisor(config);
@@ -327,7 +327,7 @@ async fn data_then_pong(peer: &mut RawPeer<tokio::io::DuplexStream>, ping: &Fram
 async fn a_pong_queued_behind_data_at_the_deadline_is_read_first() {
     let config = heartbeat(SEC, SEC)
         .liveness(Liveness::Pong)
-        .inbound_queue(std::num::NonZeroUsize::new(64).unwrap())
+        .inbound_queue(64)
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);
@@ -350,8 +350,8 @@ async fn a_pong_queued_behind_data_at_the_deadline_is_read_first() {
 async fn a_pong_behind_data_is_read_even_when_the_app_sends_a_lot() {
     let config = heartbeat(SEC, SEC)
         .liveness(Liveness::Pong)
-        .inbound_queue(std::num::NonZeroUsize::new(64).unwrap())
-        .outbound_queue(std::num::NonZeroUsize::new(1024).unwrap())
+        .inbound_queue(64)
+        .outbound_queue(1024)
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);

@@ -17,7 +17,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -596,10 +595,7 @@ async fn python_server_keepalive_timeout_while_our_app_does_not_read_is_internal
         "10",
     ])
     .await;
-    let config = heartbeat(PING, PONG)
-        .inbound_queue(NonZeroUsize::new(1).unwrap())
-        .build()
-        .unwrap();
+    let config = heartbeat(PING, PONG).inbound_queue(1).build().unwrap();
     let (client, events) = supervisor(config);
     let mut conn = client.connect(url).await.expect("connect");
     server.expect("flooded").await;

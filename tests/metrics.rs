@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::IntoFuture;
-use std::num::NonZeroUsize;
 
 use metrics_util::MetricKind;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -162,8 +161,8 @@ fn every_metric_is_described_with_a_unit_and_every_series_starts_at_zero() {
             );
         }
     }
-    // 6 × 2 closes + 6 causes + 15 unlabelled series.
-    assert_eq!(snap.kinds.len(), 12 + 6 + 15);
+    // 6 × 2 closes + 10 causes + 15 unlabelled series.
+    assert_eq!(snap.kinds.len(), 12 + 10 + 15);
 }
 
 #[tokio::test(start_paused = true)]
@@ -238,7 +237,7 @@ async fn traffic_moves_the_right_series() {
 async fn live_gauge_returns_to_zero_after_10k_random_cycles() {
     quiet_expected_panics();
     let config = heartbeat(SEC, SEC)
-        .max_connections(NonZeroUsize::new(64))
+        .max_connections(64)
         .handshake_timeout(2 * SEC)
         .close_timeout(SEC)
         .build()

@@ -279,10 +279,7 @@ async fn exactly_once_for_1200_concurrent_random_endings() {
 /// the 1001 reply, so a cooperative client was forced at the end of grace.
 #[tokio::test(start_paused = true)]
 async fn shutdown_with_a_full_inbound_queue_is_not_forced() {
-    let config = Config::builder()
-        .inbound_queue(std::num::NonZeroUsize::new(1).unwrap())
-        .build()
-        .unwrap();
+    let config = Config::builder().inbound_queue(1).build().unwrap();
     let (sup, _events) = supervisor(config);
     let (_conn, mut peer) = accept_ws(&sup).await;
     futures::SinkExt::send(&mut peer, Message::text("a"))

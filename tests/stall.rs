@@ -56,7 +56,7 @@ async fn a_peer_that_stops_reading_is_a_write_stall_with_bounded_memory() {
     let config = Config::builder()
         .write_timeout(Duration::from_secs(1))
         .write_buffer_limit(limit)
-        .outbound_queue(std::num::NonZeroUsize::new(8).unwrap())
+        .outbound_queue(8)
         .build()
         .unwrap();
     let (sup, events) = supervisor(config);
