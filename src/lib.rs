@@ -108,6 +108,7 @@ pub mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
 mod supervisor;
+mod trace;
 mod transport;
 
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
