@@ -106,8 +106,9 @@ mod imp {
         event!(target: TARGET, Level::DEBUG, "connection opened");
     }
 
-    /// The connection ended: one event, at [`close_level`], with the whole
-    /// [`CloseEvent`] but its error source chain and text length limits.
+    /// The connection ended: one event, at [`close_level`], with every field
+    /// of the [`CloseEvent`] (the error as its `Display` text; fields with
+    /// no value are left out rather than logged as `None`).
     pub(crate) fn closed(e: &CloseEvent) {
         // `event!` needs its level as a constant: one call site per level,
         // with the same fields.
