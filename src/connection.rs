@@ -291,7 +291,6 @@ pub struct Connection {
 
 /// What the way in knows about a connection when it is registered.
 #[derive(Debug, Clone, Default)]
-#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
 pub(crate) struct ConnInfo {
     /// Which side of the handshake we were.
     pub(crate) role: Role,
@@ -313,7 +312,6 @@ pub(crate) enum Role {
 
 impl Role {
     /// `"server"` or `"client"`.
-    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Self::Server => "server",

@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::heartbeat::{Heartbeat, Pong};
 use crate::metrics::secs;
 use crate::supervisor::{Inner, Slot};
+use crate::trace;
 
 /// Most loop turns in one poll before yielding to other tasks.
 const BUDGET: usize = 32;
@@ -180,6 +181,7 @@ where
     /// Drives the connection to its end, then runs the hooks.
     pub(crate) async fn run(self) {
         let Driver { mut ws, mut core } = self;
+        trace::opened();
         {
             let sleep = tokio::time::sleep_until(core.hb.next_wakeup());
             let shutdown = core.inner.cancel.clone().cancelled_owned().fuse();
@@ -388,8 +390,14 @@ impl Core {
                 let metrics = &self.inner.metrics;
                 metrics.pongs_received.increment(1);
                 match self.hb.on_pong(now, &payload) {
-                    Pong::Matched(rtt) => metrics.rtt.record(secs(rtt)),
-                    Pong::Unmatched => metrics.pongs_unmatched.increment(1),
+                    Pong::Matched(rtt) => {
+                        metrics.rtt.record(secs(rtt));
+                        trace::pong_matched(rtt);
+                    }
+                    Pong::Unmatched => {
+                        metrics.pongs_unmatched.increment(1);
+                        trace::pong_unmatched();
+                    }
                 }
                 self.shared.publish(&self.hb.stats());
             }
@@ -732,6 +740,7 @@ impl Core {
                             self.hb.ping_sent(now);
                             self.inner.metrics.pings_sent.increment(1);
                             self.shared.publish(&self.hb.stats());
+                            trace::ping_sent();
                         }
                         // Our write buffer is full: the write timeout judges
                         // that; the peer is not held to a ping it never got.
@@ -856,6 +865,9 @@ impl Core {
             stats,
             error: outcome.error,
         };
+        // Logged before the hooks run, so a hook that hangs or panics
+        // cannot hide how the connection ended.
+        trace::closed(&event);
         let inner = &*self.inner;
         let metrics = &inner.metrics;
         // Hooks are synchronous: real time, not tokio's (possibly paused) clock.
@@ -865,6 +877,7 @@ impl Core {
         if panics > 0 {
             inner.hook_panics.fetch_add(panics, Relaxed);
             metrics.hook_panics.increment(panics);
+            trace::hooks_panicked(event.id, panics);
         }
         inner.closed[event.reason.index()].fetch_add(1, Relaxed);
         metrics.closed(event.reason, event.initiator);
@@ -886,5 +899,45 @@ impl Core {
 impl Drop for Core {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::ConnSpan;
+    use tokio::io::DuplexStream;
+
+    /// The size of what `f` returns, without calling it.
+    fn output_size<A, F>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// What `Supervisor::register` spawns: the driver's future in its span.
+    fn spawned((driver, span): (Driver<DuplexStream>, ConnSpan)) -> impl Future<Output = ()> {
+        span.instrument(driver.run())
+    }
+
+    // The promise of the `tracing` feature: off, the span is nothing and the
+    // task spawned per connection is the driver's own future, byte for byte.
+    #[test]
+    #[cfg(not(feature = "tracing"))]
+    fn without_tracing_the_task_is_the_driver_future() {
+        assert_eq!(std::mem::size_of::<ConnSpan>(), 0);
+        assert_eq!(
+            output_size(spawned),
+            output_size(Driver::<DuplexStream>::run)
+        );
+    }
+
+    // On, the task grows by the span handle alone; `Core` (every field of a
+    // connection but the socket) holds no span in either build.
+    #[test]
+    #[cfg(feature = "tracing")]
+    fn with_tracing_the_task_grows_by_the_span_alone() {
+        assert_eq!(
+            output_size(spawned),
+            output_size(Driver::<DuplexStream>::run) + std::mem::size_of::<tracing::Span>()
+        );
     }
 }

@@ -85,6 +85,16 @@
 //!   `metrics-exporter-prometheus` (HTTP listener only, no push gateway or
 //!   TLS). Without it the crate still emits through the `metrics` facade to
 //!   whatever recorder the application installs.
+//! * `tracing` (off by default): a `ws_connection` span per connection
+//!   (fields `conn_id`, `peer`, `role`, and `path` and `protocol` where
+//!   known), a DEBUG event when it opens and one event when it closes with
+//!   the [`CloseEvent`]'s reason, initiator, codes, duration, RTT and ping
+//!   counts. The close is DEBUG for `Normal` and `GoingAway`; INFO for
+//!   `Timeout`, `ProtocolError`, `Abnormal` and a peer's `Internal`; WARN
+//!   for our own `Internal`. A panicking close hook is a WARN event; pings
+//!   and pongs are TRACE; messages log nothing. Target: `ws_supervisor`.
+//!   Without the feature it costs nothing: no span field, no allocation, no
+//!   branch (`docs/operations.md`, "Logs with tracing").
 
 #![warn(
     missing_docs,
@@ -115,6 +125,7 @@ pub mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
 mod supervisor;
+mod trace;
 mod transport;
 
 pub use accept::Accept;

@@ -435,6 +435,14 @@ impl Supervisor {
         let (in_tx, in_rx) = mpsc::channel(config.inbound_queue());
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue());
         let sender = Sender::new(out_tx, id, config.write_buffer_limit());
+        // Nothing at all without the `tracing` feature (see `trace.rs`).
+        let span = crate::trace::ConnSpan::new(
+            id,
+            peer_addr,
+            info.role.as_str(),
+            info.path.as_deref(),
+            info.protocol.as_deref(),
+        );
         let driver = Driver::new(
             ws,
             inner.clone(),
@@ -460,7 +468,7 @@ impl Supervisor {
             inner.metrics.connections.increment(1.0);
             inner.accepted.fetch_add(1, Relaxed);
             inner.metrics.accepted.increment(1);
-            inner.tracker.spawn(driver.run());
+            inner.tracker.spawn(span.instrument(driver.run()));
         }
         Ok(Connection::new(
             in_rx,
