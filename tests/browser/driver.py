@@ -344,6 +344,7 @@ def main():
     p.add_argument("--ping-interval-ms", required=True, type=int)
     args = p.parse_args()
     results = {}
+    began = time.monotonic()
     try:
         asyncio.run(asyncio.wait_for(run(args, results), 120))
     except (CheckFailed, OSError, asyncio.TimeoutError, ConnectionError) as e:
@@ -354,7 +355,7 @@ def main():
         log(f"FAIL {n}. {NAMES[n]}: not run (aborted)")
     passed = sum(1 for n in NAMES if n in results and results[n] is None)
     failed = len(NAMES) - passed
-    log(f"{passed} passed, {failed} failed")
+    log(f"{passed} passed, {failed} failed ({time.monotonic() - began:.1f} s in the browser)")
     return 0 if failed == 0 else 1
 
 
