@@ -213,7 +213,7 @@ def expect_pongs(fields, what):
 NAMES = {
     1: "text and binary echo",
     2: "the browser answers pings",
-    3: "ws.close(1000) -> reason=normal initiator=remote",
+    3: "ws.close(1000) -> reason=normal initiator=remote (page: 1000, clean)",
     4: "closing the tab -> reason=going_away initiator=remote",
     5: "server shutdown -> onclose 1001 wasClean, reason=going_away initiator=local, exit 0",
 }
@@ -221,7 +221,6 @@ NAMES = {
 
 async def run(args, results):
     """Runs the checks, filling `results` (check number -> None or the failure)."""
-    names = NAMES
     pong_notes = []
     page = f"{args.page_url}?ws={args.ws_url}"
     server = ServerLog(args.server_log)
@@ -232,9 +231,9 @@ async def run(args, results):
     def record(n, failure=None, note=""):
         results[n] = failure
         if failure is None:
-            log(f"PASS {n}. {names[n]}{f' ({note})' if note else ''}")
+            log(f"PASS {n}. {NAMES[n]}{f' ({note})' if note else ''}")
         else:
-            log(f"FAIL {n}. {names[n]}: {failure}")
+            log(f"FAIL {n}. {NAMES[n]}: {failure}")
 
     async with connect(args.cdp_url, max_size=None, open_timeout=10) as ws:
         cdp = Cdp(ws)
@@ -257,7 +256,11 @@ async def run(args, results):
         try:
             await asyncio.sleep(hold)  # pings happen meanwhile; checked below
             await tab.eval("ws.close(1000, 'done'), true")
-            await tab.wait_for("t.closes.length > 0", 10, "tab A: onclose after ws.close(1000)")
+            closes = await tab.wait_for(
+                "t.closes.length > 0 && t.closes", 10, "tab A: onclose after ws.close(1000)"
+            )
+            if closes[0].get("code") != 1000 or closes[0].get("wasClean") is not True:
+                raise CheckFailed(f"ws.close(1000): the page's onclose is {closes[0]}, want 1000, clean")
             fields = await server.next_closed(10, "ws.close(1000)")
             pong_notes.append(("tab A", fields))
             expect_close(fields, "normal", "remote", "ws.close(1000)")
@@ -311,10 +314,8 @@ async def run(args, results):
             if status != 0:
                 raise CheckFailed(f"shutdown: the server exited with status {status}, want 0")
             record(5, note=f"onclose {close}")
-            await tab.close()
         except CheckFailed as e:
             record(5, str(e))
-
 
 
 async def wait_status(path, seconds):
@@ -346,7 +347,7 @@ def main():
     results = {}
     began = time.monotonic()
     try:
-        asyncio.run(asyncio.wait_for(run(args, results), 120))
+        asyncio.run(asyncio.wait_for(run(args, results), 90))
     except (CheckFailed, OSError, asyncio.TimeoutError, ConnectionError) as e:
         # A failure outside any one check (CDP unreachable, overall deadline):
         # the checks that did not finish count as failed.
