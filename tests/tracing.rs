@@ -311,8 +311,9 @@ async fn one_root_span_per_connection_with_its_fields() {
             ("conn_id", conn.id().as_u64().to_string()),
             ("peer", addr.to_string()),
             ("role", "server".to_string()),
+            ("path", "/".to_string()),
         ]);
-        // No path or protocol: `accept` records neither (yet).
+        // No protocol: none was offered.
         assert_eq!(span.fields, expected);
         // A root span: a connection outlives the request that admitted it.
         assert_eq!(span.parent, None);
