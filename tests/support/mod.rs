@@ -12,6 +12,8 @@ use tokio::io::{
 use tokio_tungstenite::WebSocketStream;
 use ws_supervisor::{CloseEvent, Config, ConfigBuilder, Connection, Supervisor};
 
+pub mod ways;
+
 pub const MS: Duration = Duration::from_millis(1);
 pub const SEC: Duration = Duration::from_secs(1);
 
