@@ -57,9 +57,18 @@
 //! # Layout
 //!
 //! * [`Config`] (`config.rs`): every knob, validated by [`ConfigBuilder::build`].
-//! * [`Supervisor`] (`supervisor.rs`): the handle — [`accept`](Supervisor::accept),
+//! * [`Supervisor`] (`supervisor.rs`): the handle —
 //!   [`supervise`](Supervisor::supervise), [`connect`](Supervisor::connect),
-//!   [`shutdown`](Supervisor::shutdown).
+//!   [`shutdown`](Supervisor::shutdown), the connection count and admission.
+//! * [`Accept`] (`accept.rs`): [`Supervisor::accept`], the server handshake
+//!   on any stream, reading the request itself so that it can answer it.
+//! * `handshake.rs`: what every server way in shares — request validation,
+//!   subprotocol choice, the 101 response and the refusals (400, 403, 426,
+//!   429, 503), with no I/O.
+//! * [`ReadLayer`] (`transport.rs`): the lean read layer under every
+//!   connection the supervisor builds.
+//! * `hyper.rs` ([`Supervisor::upgrade`], feature `hyper`) and [`axum`]
+//!   (`axum.rs`, feature `axum`): the HTTP upgrade integrations.
 //! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
 //!   holds — a stream of messages, a cloneable sender, close, stats.
 //! * `driver.rs`: the per-connection task that owns the socket and wires the
@@ -80,6 +89,9 @@
 //!
 //! ## Features
 //!
+//! All optional integrations are off by default; the default build stays
+//! lean.
+//!
 //! * `prometheus` (default): [`prometheus::install`] serves the metrics over
 //!   HTTP with the recommended histogram buckets, through
 //!   `metrics-exporter-prometheus` (HTTP listener only, no push gateway or
@@ -95,6 +107,12 @@
 //!   and pongs are TRACE; messages log nothing. Target: `ws_supervisor`.
 //!   Without the feature it costs nothing: no span field, no allocation, no
 //!   branch (`docs/operations.md`, "Logs with tracing").
+//! * `hyper` (off by default): [`Supervisor::upgrade`] validates a hyper 1.x
+//!   request as a WebSocket upgrade and builds the connection exactly as
+//!   [`Supervisor::accept`] does.
+//! * `axum` (off by default; implies `hyper`): [`axum::WebSocketUpgrade`],
+//!   an axum 0.8 extractor. axum's own `ws` feature is not used (it would
+//!   bring a second tokio-tungstenite).
 
 #![warn(
     missing_docs,
@@ -153,7 +171,8 @@ pub mod __bench {
     pub use crate::heartbeat::{Heartbeat, Pong};
 }
 
-// The README's example is compiled with the doctests.
-#[cfg(doctest)]
+// The README's examples are compiled with the doctests; some need the
+// optional integrations, so with all features (as `.ci/run` runs them).
+#[cfg(all(doctest, feature = "axum", feature = "rustls"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
