@@ -55,6 +55,7 @@ impl Supervisor {
     ///         }
     ///     }))
     /// }
+    /// # fn main() { let _ = handle; }
     /// ```
     pub fn upgrade<B>(&self, request: &mut Request<B>) -> HttpUpgrade {
         let on_upgrade = request.extensions_mut().remove::<OnUpgrade>();

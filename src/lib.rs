@@ -67,7 +67,7 @@
 //!   429, 503), with no I/O.
 //! * [`ReadLayer`] (`transport.rs`): the lean read layer under every
 //!   connection the supervisor builds.
-//! * `hyper.rs` ([`Supervisor::upgrade`], feature `hyper`) and [`axum`]
+//! * `hyper.rs` (`Supervisor::upgrade`, feature `hyper`) and `axum`
 //!   (`axum.rs`, feature `axum`): the HTTP upgrade integrations.
 //! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
 //!   holds — a stream of messages, a cloneable sender, close, stats.
@@ -107,10 +107,10 @@
 //!   and pongs are TRACE; messages log nothing. Target: `ws_supervisor`.
 //!   Without the feature it costs nothing: no span field, no allocation, no
 //!   branch (`docs/operations.md`, "Logs with tracing").
-//! * `hyper` (off by default): [`Supervisor::upgrade`] validates a hyper 1.x
+//! * `hyper` (off by default): `Supervisor::upgrade` validates a hyper 1.x
 //!   request as a WebSocket upgrade and builds the connection exactly as
 //!   [`Supervisor::accept`] does.
-//! * `axum` (off by default; implies `hyper`): [`axum::WebSocketUpgrade`],
+//! * `axum` (off by default; implies `hyper`): `axum::WebSocketUpgrade`,
 //!   an axum 0.8 extractor. axum's own `ws` feature is not used (it would
 //!   bring a second tokio-tungstenite).
 

@@ -296,8 +296,21 @@ impl Supervisor {
         &self.inner
     }
 
-    /// Supervises an already upgraded WebSocket (from hyper, axum, or a
-    /// handshake of your own). `peer_addr` is reported in events if known.
+    /// Supervises a WebSocket someone else built (a handshake of your own,
+    /// another framework). `peer_addr` is reported in events if known.
+    ///
+    /// **It keeps the stream's own config.** tokio-tungstenite cannot change
+    /// a stream's config after it is built, so whatever the stream was built
+    /// with stays in force: built with tungstenite's defaults it holds a
+    /// 128 KiB read buffer (about 135 KiB per idle connection instead of
+    /// 5.9 KiB), accepts 64 MiB messages and has an unbounded write buffer.
+    /// The supervisor's heartbeat, deadlines, queues, close rules and metrics
+    /// apply all the same. To get the same limits and memory as
+    /// [`accept`](Self::accept), build the stream with a
+    /// [`ReadLayer`](crate::ReadLayer) and
+    /// [`Config::websocket_config`] (the example there shows how). For
+    /// hyper and axum, use `upgrade` (feature `hyper`) or the `axum`
+    /// extractor instead, which do this for you.
     ///
     /// # Errors
     /// [`HandshakeFailure::AtCapacity`] or
