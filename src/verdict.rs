@@ -1,0 +1,333 @@
+//! The close decision of one connection, with no I/O. See [`Verdict`].
+
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::close::{Cause, CloseReason, Initiator, classify, code_for_error};
+use crate::error::{Error, HandshakeFailure};
+
+/// The close verdict of one connection, after python-websockets'
+/// `fail()` with its `close_sent`/`close_rcvd`: which cause ended it (the
+/// first final one), whether that is still provisional, the codes sent and
+/// received, and which Close frame each cause sends.
+///
+/// The driver tells it what happened and asks it what to send; it decides.
+/// With [`classify`], it is the whole of `docs/close-reasons.md`, and its
+/// unit tests below walk that table's rules without sockets.
+#[derive(Debug, Default)]
+pub(crate) struct Verdict {
+    /// The first final cause, as it will be reported.
+    outcome: Option<Outcome>,
+    /// The code of the Close frame we queued (`close_sent`).
+    code_sent: Option<CloseCode>,
+    /// The code of the Close frame the peer sent (`close_rcvd`).
+    code_received: Option<CloseCode>,
+}
+
+/// A decided cause, as it will be reported.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) reason: CloseReason,
+    pub(crate) initiator: Initiator,
+    pub(crate) text: String,
+    pub(crate) error: Option<Error>,
+    /// An application close: final once the handshake ends, but replaced by
+    /// `Timeout` if the peer never answers it (rule 2 of the table).
+    provisional: bool,
+}
+
+/// The Close frame we send, where the cause lets us choose it: `None` where
+/// none can be sent (the transport is gone or stuck) or where the peer's
+/// own Close is answered by the protocol layer.
+///
+/// This is the "code we send" column of `docs/close-reasons.md`; an
+/// application close sends the application's own frame.
+pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
+    let (code, text) = match cause {
+        Cause::AppDropped => (CloseCode::Normal, ""),
+        Cause::AppPanicked => (CloseCode::Error, "application panicked"),
+        Cause::Shutdown => (CloseCode::Away, "server shutting down"),
+        Cause::PongTimeout => (CloseCode::Error, "ping timeout"),
+        Cause::Failed(e) => {
+            let code = code_for_error(e)?;
+            let text = match code {
+                CloseCode::Size => "message too big",
+                CloseCode::Invalid => "invalid data",
+                _ => "protocol error",
+            };
+            (code, text)
+        }
+        Cause::PeerClose(_)
+        | Cause::AppClose(_)
+        | Cause::WriteStalled
+        | Cause::CloseHandshakeTimeout
+        | Cause::TransportEnded => return None,
+    };
+    Some(CloseFrame {
+        code,
+        reason: text.into(),
+    })
+}
+
+/// The Close frame that refuses an already upgraded stream given to
+/// `supervise`: 1013 (try again later) at capacity, 1001 otherwise.
+pub(crate) fn refusal_frame(cause: HandshakeFailure) -> CloseFrame {
+    let code = match cause {
+        HandshakeFailure::AtCapacity => CloseCode::Again,
+        _ => CloseCode::Away,
+    };
+    CloseFrame {
+        code,
+        reason: cause.as_str().into(),
+    }
+}
+
+impl Verdict {
+    /// Records what happened; the first final cause wins (rule 1).
+    pub(crate) fn record(&mut self, cause: Cause<'_>, text: String, error: Option<Error>) {
+        let overrides = matches!(cause, Cause::CloseHandshakeTimeout);
+        let provisional = matches!(cause, Cause::AppClose(_));
+        let (reason, initiator) = classify(&cause);
+        let text = match self.outcome.take() {
+            None => text,
+            // A stalled application close becomes a timeout, and keeps the
+            // text it sent.
+            Some(previous) if previous.provisional && overrides => previous.text,
+            // Otherwise the first cause wins; anything the peer does after
+            // an application close (its Close reply, EOF, a reset) ends the
+            // handshake and makes the application's reason final.
+            Some(mut previous) => {
+                previous.provisional = false;
+                self.outcome = Some(previous);
+                return;
+            }
+        };
+        self.outcome = Some(Outcome {
+            reason,
+            initiator,
+            text,
+            error,
+            provisional,
+        });
+    }
+
+    /// Records a read or write error, which the event keeps.
+    pub(crate) fn record_error(&mut self, e: WsError) {
+        let (reason, initiator) = classify(&Cause::Failed(&e));
+        self.record_class(reason, initiator, Error::transport(e));
+    }
+
+    fn record_class(&mut self, reason: CloseReason, initiator: Initiator, error: Error) {
+        match &mut self.outcome {
+            Some(previous) => previous.provisional = false,
+            None => {
+                self.outcome = Some(Outcome {
+                    reason,
+                    initiator,
+                    text: String::new(),
+                    error: Some(error),
+                    provisional: false,
+                });
+            }
+        }
+    }
+
+    /// The peer's Close frame arrived. If we had sent none, the protocol
+    /// layer answers it: with the same code, or 1002 for a code not allowed
+    /// on the wire.
+    pub(crate) fn peer_closed(&mut self, frame: Option<&CloseFrame>) {
+        let code = frame.map(|f| f.code);
+        let text = frame.map_or_else(String::new, |f| f.reason.to_string());
+        self.code_received = code;
+        if self.code_sent.is_none() {
+            self.code_sent = code.map(|c| if c.is_allowed() { c } else { CloseCode::Protocol });
+        }
+        self.record(Cause::PeerClose(code), text, None);
+    }
+
+    /// Our Close frame (with `code`, `None` for an empty one) was queued.
+    pub(crate) fn sent(&mut self, code: Option<CloseCode>) {
+        self.code_sent = code;
+    }
+
+    /// Whether a Close frame was sent or answered (the protocol allows no
+    /// second one).
+    pub(crate) fn close_sent(&self) -> bool {
+        self.code_sent.is_some()
+    }
+
+    /// The code of our Close frame, if one went out.
+    pub(crate) fn code_sent(&self) -> Option<CloseCode> {
+        self.code_sent
+    }
+
+    /// The code of the peer's Close frame, if one came in.
+    pub(crate) fn code_received(&self) -> Option<CloseCode> {
+        self.code_received
+    }
+
+    /// The verdict, once the connection is over. `fallback` stands for a
+    /// task that ended with no cause recorded (see [`fallback_cause`]).
+    pub(crate) fn take_outcome(&mut self, fallback: Cause<'_>) -> Outcome {
+        self.outcome.take().unwrap_or_else(|| {
+            let (reason, initiator) = classify(&fallback);
+            Outcome {
+                reason,
+                initiator,
+                text: String::new(),
+                error: None,
+                provisional: false,
+            }
+        })
+    }
+}
+
+/// What ended a task that recorded no cause: the supervisor's shutdown
+/// cancelled it, or our own code panicked.
+pub(crate) fn fallback_cause(shutting_down: bool) -> Cause<'static> {
+    if shutting_down {
+        Cause::Shutdown
+    } else {
+        Cause::AppPanicked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use CloseReason as R;
+    use Initiator::{Local, Remote};
+
+    fn reason(v: &mut Verdict) -> (R, Initiator, String) {
+        let o = v.take_outcome(Cause::AppPanicked);
+        (o.reason, o.initiator, o.text)
+    }
+
+    fn frame(code: u16, text: &str) -> CloseFrame {
+        CloseFrame {
+            code: CloseCode::from(code),
+            reason: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_first_final_cause_wins() {
+        let mut v = Verdict::default();
+        v.record(Cause::PongTimeout, "ping timeout".into(), None);
+        v.record(Cause::TransportEnded, String::new(), None);
+        v.peer_closed(Some(&frame(1000, "late")));
+        assert_eq!(reason(&mut v), (R::Timeout, Local, "ping timeout".into()));
+    }
+
+    #[test]
+    fn an_unanswered_application_close_becomes_a_timeout_keeping_its_text() {
+        let mut v = Verdict::default();
+        v.record(Cause::AppClose(Some(CloseCode::Normal)), "bye".into(), None);
+        v.sent(Some(CloseCode::Normal));
+        v.record(Cause::CloseHandshakeTimeout, String::new(), None);
+        assert_eq!(reason(&mut v), (R::Timeout, Local, "bye".into()));
+        assert_eq!(v.code_sent(), Some(CloseCode::Normal));
+    }
+
+    #[test]
+    fn an_answered_application_close_is_final() {
+        for then in [
+            Cause::PeerClose(Some(CloseCode::Normal)),
+            Cause::TransportEnded,
+        ] {
+            let mut v = Verdict::default();
+            v.record(Cause::AppClose(Some(CloseCode::Away)), "moving".into(), None);
+            v.record(then, String::new(), None);
+            // The handshake ended: a later deadline changes nothing.
+            v.record(Cause::CloseHandshakeTimeout, String::new(), None);
+            assert_eq!(reason(&mut v), (R::GoingAway, Local, "moving".into()));
+        }
+    }
+
+    #[test]
+    fn only_an_application_close_is_provisional() {
+        let mut v = Verdict::default();
+        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        v.record(Cause::CloseHandshakeTimeout, String::new(), None);
+        assert_eq!(reason(&mut v).0, R::GoingAway);
+    }
+
+    #[test]
+    fn a_peer_close_is_answered_with_its_code_or_1002() {
+        let mut v = Verdict::default();
+        v.peer_closed(Some(&frame(1001, "tab closed")));
+        assert_eq!(v.code_received(), Some(CloseCode::Away));
+        assert_eq!(v.code_sent(), Some(CloseCode::Away));
+        assert_eq!(reason(&mut v), (R::GoingAway, Remote, "tab closed".into()));
+
+        let mut v = Verdict::default();
+        v.peer_closed(Some(&frame(1005, "")));
+        assert_eq!(v.code_sent(), Some(CloseCode::Protocol));
+
+        // Our own Close went out first: the peer's answers it.
+        let mut v = Verdict::default();
+        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        v.sent(Some(CloseCode::Away));
+        v.peer_closed(Some(&frame(1000, "")));
+        assert_eq!(v.code_sent(), Some(CloseCode::Away));
+        assert_eq!(v.code_received(), Some(CloseCode::Normal));
+        assert_eq!(reason(&mut v).0, R::GoingAway);
+    }
+
+    #[test]
+    fn an_error_after_a_cause_is_not_the_verdict() {
+        let mut v = Verdict::default();
+        v.record(Cause::Shutdown, String::new(), None);
+        v.record_error(WsError::ConnectionClosed);
+        let o = v.take_outcome(Cause::AppPanicked);
+        assert_eq!((o.reason, o.error.is_none()), (R::GoingAway, true));
+
+        let mut v = Verdict::default();
+        v.record_error(WsError::Utf8(String::new()));
+        let o = v.take_outcome(Cause::AppPanicked);
+        assert_eq!((o.reason, o.initiator), (R::ProtocolError, Remote));
+        assert!(o.error.is_some(), "the error is kept in the event");
+    }
+
+    #[test]
+    fn a_task_that_ended_without_a_cause() {
+        let mut v = Verdict::default();
+        assert_eq!(
+            v.take_outcome(fallback_cause(true)).reason,
+            R::GoingAway,
+            "cancelled by shutdown"
+        );
+        let mut v = Verdict::default();
+        assert_eq!(v.take_outcome(fallback_cause(false)).reason, R::Internal);
+    }
+
+    // The "code we send" column, row by row.
+    #[test]
+    fn the_close_frame_of_each_cause() {
+        let code = |c: Cause<'_>| close_frame(&c).map(|f| (u16::from(f.code), f.reason.to_string()));
+        assert_eq!(code(Cause::AppDropped), Some((1000, String::new())));
+        assert_eq!(code(Cause::AppPanicked), Some((1011, "application panicked".into())));
+        assert_eq!(code(Cause::Shutdown), Some((1001, "server shutting down".into())));
+        assert_eq!(code(Cause::PongTimeout), Some((1011, "ping timeout".into())));
+        let big = WsError::Capacity(
+            tokio_tungstenite::tungstenite::error::CapacityError::MessageTooLong { size: 2, max_size: 1 },
+        );
+        assert_eq!(code(Cause::Failed(&big)), Some((1009, "message too big".into())));
+        let utf8 = WsError::Utf8(String::new());
+        assert_eq!(code(Cause::Failed(&utf8)), Some((1007, "invalid data".into())));
+        let reset = WsError::ConnectionClosed;
+        assert_eq!(code(Cause::Failed(&reset)), None);
+        for none in [
+            Cause::PeerClose(None),
+            Cause::AppClose(None),
+            Cause::WriteStalled,
+            Cause::CloseHandshakeTimeout,
+            Cause::TransportEnded,
+        ] {
+            assert_eq!(code(none), None);
+        }
+        assert_eq!(refusal_frame(HandshakeFailure::AtCapacity).code, CloseCode::Again);
+        assert_eq!(refusal_frame(HandshakeFailure::ShuttingDown).code, CloseCode::Away);
+    }
+}
