@@ -98,6 +98,7 @@
 
 mod close;
 mod config;
+mod connect;
 mod connection;
 mod driver;
 mod error;
@@ -112,6 +113,7 @@ mod transport;
 
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
+pub use connect::Connect;
 pub use connection::{Connection, ConnectionId, Sender, Stats};
 pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;

@@ -17,20 +17,19 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::UrlError;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, NoCallback, Request, Response,
 };
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::connection::{ConnInfo, Connection, ConnectionId, Role, Sender, Shared};
+use crate::connection::{ConnInfo, Connection, ConnectionId, Sender, Shared};
 use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
@@ -96,7 +95,7 @@ use crate::transport::Transport;
 /// end into one [`CloseReason`].
 #[derive(Clone)]
 pub struct Supervisor {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// State shared by the handle and every driver task.
@@ -131,7 +130,7 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    fn fail_handshake(&self, cause: HandshakeFailure, source: Option<WsError>) -> Error {
+    pub(crate) fn fail_handshake(&self, cause: HandshakeFailure, source: Option<WsError>) -> Error {
         self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
         self.metrics.handshake_failed(cause);
         Error::handshake(cause, source.map(Into::into))
@@ -301,78 +300,8 @@ impl Supervisor {
         }
     }
 
-    /// Opens a supervised client connection to a `ws://` URL (or a full
-    /// request, for custom headers) within the handshake timeout. The
-    /// heartbeat is the same as on the server side. For `wss://`, do the TLS
-    /// handshake yourself (e.g. `tokio_tungstenite::connect_async_tls_with_config`)
-    /// and hand the stream to [`supervise`](Self::supervise).
-    ///
-    /// # Errors
-    /// A handshake error: [`HandshakeFailure::Timeout`], `Io` (could not
-    /// connect), `Protocol` (bad URL, the server refused the upgrade),
-    /// `AtCapacity` or `ShuttingDown`.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: dropping the future before it completes drops the socket
-    /// and leaves nothing behind.
-    pub async fn connect<R>(&self, request: R) -> Result<Connection, Error>
-    where
-        R: IntoClientRequest + Unpin,
-    {
-        let slot = self
-            .reserve()
-            .map_err(|cause| self.inner.fail_handshake(cause, None))?;
-        let inner = &self.inner;
-        let handshake = async {
-            let request = request.into_client_request()?;
-            let uri = request.uri();
-            if uri.scheme_str() != Some("ws") {
-                return Err(WsError::Url(UrlError::UnsupportedUrlScheme));
-            }
-            let host = uri.host().ok_or(WsError::Url(UrlError::NoHostName))?;
-            // `[::1]` in a URI is `::1` to the resolver.
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let peer_addr = tcp.peer_addr().ok();
-            let stream = Transport::new(tcp, inner.config.read_buffer_size());
-            let config = inner.config.websocket_config();
-            let path = request.uri().path().to_owned();
-            let (ws, response) =
-                tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
-            let protocol = response
-                .headers()
-                .get("sec-websocket-protocol")
-                .and_then(|v| v.to_str().ok())
-                .map(Box::from);
-            Ok((ws, peer_addr, path, protocol))
-        };
-        let (ws, peer_addr, path, protocol) =
-            match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
-                Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
-                Ok(Err(e)) => {
-                    let cause = match e {
-                        WsError::Io(_) => HandshakeFailure::Io,
-                        _ => HandshakeFailure::Protocol,
-                    };
-                    return Err(inner.fail_handshake(cause, Some(e)));
-                }
-                Ok(Ok(connected)) => connected,
-            };
-        let info = ConnInfo {
-            role: Role::Client,
-            path: Some(path.into()),
-            protocol,
-        };
-        self.register(ws, peer_addr, slot, info)
-    }
-
     /// Takes a slot for one connection, if allowed.
-    fn reserve(&self) -> Result<Slot, HandshakeFailure> {
+    pub(crate) fn reserve(&self) -> Result<Slot, HandshakeFailure> {
         if self.is_shutting_down() {
             return Err(HandshakeFailure::ShuttingDown);
         }
@@ -389,7 +318,7 @@ impl Supervisor {
     }
 
     /// Starts the driver task of an upgraded connection.
-    fn register<S>(
+    pub(crate) fn register<S>(
         &self,
         ws: WebSocketStream<S>,
         peer_addr: Option<SocketAddr>,
@@ -433,7 +362,13 @@ impl Supervisor {
             inner.metrics.accepted.increment(1);
             inner.tracker.spawn(driver.run());
         }
-        Ok(Connection::new(in_rx, sender, shared, peer_addr, info.protocol))
+        Ok(Connection::new(
+            in_rx,
+            sender,
+            shared,
+            peer_addr,
+            info.protocol,
+        ))
     }
 
     /// Number of live supervised connections (hooks not yet run).
