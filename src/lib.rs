@@ -85,6 +85,13 @@
 //!   `metrics-exporter-prometheus` (HTTP listener only, no push gateway or
 //!   TLS). Without it the crate still emits through the `metrics` facade to
 //!   whatever recorder the application installs.
+//! * `rustls`: [`Supervisor::connect`] to `wss://` URLs through rustls with
+//!   the ring provider (aws-lc, rustls' default, is not built), trusting
+//!   Mozilla's roots from `webpki-roots` by default, or any
+//!   `rustls::ClientConfig` given to [`Connect`]'s `tls_config`. `rustls` is
+//!   re-exported for the matching version. Servers already take TLS streams:
+//!   [`Supervisor::accept`] takes any `AsyncRead + AsyncWrite`, e.g. a
+//!   `tokio_rustls` server stream (see `examples/tls_server.rs`).
 
 #![warn(
     missing_docs,
@@ -109,6 +116,8 @@ pub mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
 mod supervisor;
+#[cfg(feature = "rustls")]
+mod tls;
 mod transport;
 
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
@@ -119,6 +128,12 @@ pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;
 pub use supervisor::{Accept, ShutdownSummary, Supervisor, SupervisorBuilder};
 
+/// The TLS implementation behind `wss://`, re-exported so that the
+/// [`ClientConfig`](rustls::ClientConfig) given to [`Connect::tls_config`] is
+/// of the matching version.
+#[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+pub use rustls;
 /// The WebSocket implementation underneath, re-exported for its types
 /// ([`Message`](tungstenite::Message), request and response types).
 pub use tokio_tungstenite::tungstenite;
