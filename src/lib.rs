@@ -113,6 +113,13 @@
 //! * `axum` (off by default; implies `hyper`): `axum::WebSocketUpgrade`,
 //!   an axum 0.8 extractor. axum's own `ws` feature is not used (it would
 //!   bring a second tokio-tungstenite).
+//! * `rustls` (off by default): [`Supervisor::connect`] to `wss://` URLs through rustls with
+//!   the ring provider (aws-lc, rustls' default, is not built), trusting
+//!   Mozilla's roots from `webpki-roots` by default, or any
+//!   `rustls::ClientConfig` given to [`Connect`]'s `tls_config`. `rustls` is
+//!   re-exported for the matching version. Servers already take TLS streams:
+//!   [`Supervisor::accept`] takes any `AsyncRead + AsyncWrite`, e.g. a
+//!   `tokio_rustls` server stream (see `examples/tls_server.rs`).
 
 #![warn(
     missing_docs,
@@ -130,6 +137,7 @@ mod accept;
 pub mod axum;
 mod close;
 mod config;
+mod connect;
 mod connection;
 mod driver;
 mod error;
@@ -143,12 +151,15 @@ pub mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
 mod supervisor;
+#[cfg(feature = "rustls")]
+mod tls;
 mod trace;
 mod transport;
 
 pub use accept::Accept;
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
+pub use connect::Connect;
 pub use connection::{Connection, ConnectionId, Sender, Stats};
 pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;
@@ -158,6 +169,12 @@ pub use hyper::{HttpUpgrade, UpgradeRejection, Upgrading};
 pub use supervisor::{ShutdownSummary, Supervisor, SupervisorBuilder};
 pub use transport::ReadLayer;
 
+/// The TLS implementation behind `wss://`, re-exported so that the
+/// [`ClientConfig`](rustls::ClientConfig) given to [`Connect::tls_config`] is
+/// of the matching version.
+#[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+pub use rustls;
 /// The WebSocket implementation underneath, re-exported for its types
 /// ([`Message`](tungstenite::Message), request and response types).
 pub use tokio_tungstenite::tungstenite;

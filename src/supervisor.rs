@@ -12,25 +12,21 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::UrlError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::connection::{ConnInfo, Connection, ConnectionId, Role, Sender, Shared};
+use crate::connection::{ConnInfo, Connection, ConnectionId, Sender, Shared};
 use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
 use crate::metrics::Metrics;
-use crate::transport::ReadLayer;
 
 /// Supervises WebSocket connections: pings each peer on a schedule, holds it
 /// to a pong deadline, and runs the close hooks exactly once per connection
@@ -91,7 +87,7 @@ use crate::transport::ReadLayer;
 /// end into one [`CloseReason`].
 #[derive(Clone)]
 pub struct Supervisor {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// State shared by the handle and every driver task.
@@ -345,76 +341,6 @@ impl Supervisor {
                 Err(self.inner.fail_handshake(cause, None))
             }
         }
-    }
-
-    /// Opens a supervised client connection to a `ws://` URL (or a full
-    /// request, for custom headers) within the handshake timeout. The
-    /// heartbeat is the same as on the server side. For `wss://`, do the TLS
-    /// handshake yourself (e.g. `tokio_tungstenite::connect_async_tls_with_config`)
-    /// and hand the stream to [`supervise`](Self::supervise).
-    ///
-    /// # Errors
-    /// A handshake error: [`HandshakeFailure::Timeout`], `Io` (could not
-    /// connect), `Protocol` (bad URL, the server refused the upgrade),
-    /// `AtCapacity` or `ShuttingDown`.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: dropping the future before it completes drops the socket
-    /// and leaves nothing behind.
-    pub async fn connect<R>(&self, request: R) -> Result<Connection, Error>
-    where
-        R: IntoClientRequest + Unpin,
-    {
-        let slot = self
-            .reserve()
-            .map_err(|cause| self.inner.fail_handshake(cause, None))?;
-        let inner = &self.inner;
-        let handshake = async {
-            let request = request.into_client_request()?;
-            let uri = request.uri();
-            if uri.scheme_str() != Some("ws") {
-                return Err(WsError::Url(UrlError::UnsupportedUrlScheme));
-            }
-            let host = uri.host().ok_or(WsError::Url(UrlError::NoHostName))?;
-            // `[::1]` in a URI is `::1` to the resolver.
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let peer_addr = tcp.peer_addr().ok();
-            let stream = ReadLayer::with_chunk(tcp, inner.config.read_buffer_size());
-            let config = inner.config.websocket_config();
-            let path = request.uri().path().to_owned();
-            let (ws, response) =
-                tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
-            let protocol = response
-                .headers()
-                .get("sec-websocket-protocol")
-                .and_then(|v| v.to_str().ok())
-                .map(Box::from);
-            Ok((ws, peer_addr, path, protocol))
-        };
-        let (ws, peer_addr, path, protocol) =
-            match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
-                Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
-                Ok(Err(e)) => {
-                    let cause = match e {
-                        WsError::Io(_) => HandshakeFailure::Io,
-                        _ => HandshakeFailure::Protocol,
-                    };
-                    return Err(inner.fail_handshake(cause, Some(e.into())));
-                }
-                Ok(Ok(connected)) => connected,
-            };
-        let info = ConnInfo {
-            role: Role::Client,
-            path: Some(path.into()),
-            protocol,
-        };
-        self.register(ws, peer_addr, slot, info)
     }
 
     /// Takes a slot for one connection, if allowed.
