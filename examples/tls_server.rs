@@ -20,7 +20,6 @@
 //! It prints a line containing `listening` once it accepts connections.
 //! Ctrl-C shuts down gracefully and prints the summary.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,79 +31,36 @@ use ws_supervisor::rustls::ServerConfig;
 use ws_supervisor::rustls::crypto::ring;
 use ws_supervisor::rustls::pki_types::pem::PemObject;
 use ws_supervisor::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use ws_supervisor::{CloseCode, CloseEvent, Config, Supervisor};
+use ws_supervisor::{Config, Supervisor};
+
+mod common;
+
+use common::{ServeFlags, print_event};
 
 /// The server's command line.
 #[derive(Debug)]
 struct Args {
-    listen: SocketAddr,
-    ping_interval: Duration,
-    pong_timeout: Duration,
+    serve: ServeFlags,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: tls_server [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--cert PEM --key PEM]";
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut parsed = Args {
-        listen: "127.0.0.1:9443".parse().expect("valid default"),
-        ping_interval: Duration::from_millis(1000),
-        pong_timeout: Duration::from_millis(1000),
-        cert: None,
-        key: None,
-    };
-    while let Some(flag) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--listen" => {
-                let v = value("--listen")?;
-                parsed.listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
-            }
-            "--ping-interval-ms" => parsed.ping_interval = millis(&value("--ping-interval-ms")?)?,
-            "--pong-timeout-ms" => parsed.pong_timeout = millis(&value("--pong-timeout-ms")?)?,
-            "--cert" => parsed.cert = Some(value("--cert")?.into()),
-            "--key" => parsed.key = Some(value("--key")?.into()),
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let (mut cert, mut key) = (None, None);
+    let serve = ServeFlags::new("127.0.0.1:9443").parse(args, USAGE, |flag, value| {
+        match flag {
+            "--cert" => cert = Some(PathBuf::from(value()?)),
+            "--key" => key = Some(PathBuf::from(value()?)),
+            _ => return Ok(false),
         }
-    }
-    if parsed.cert.is_some() != parsed.key.is_some() {
+        Ok(true)
+    })?;
+    if cert.is_some() != key.is_some() {
         return Err(format!("--cert and --key go together\n{USAGE}"));
     }
-    Ok(parsed)
-}
-
-fn millis(v: &str) -> Result<Duration, String> {
-    v.parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|e| format!("{v}: {e}"))
-}
-
-fn print_event(e: &CloseEvent) {
-    let code =
-        |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
-    let ms = |d: Option<Duration>| {
-        d.map_or_else(
-            || "-".to_owned(),
-            |d| format!("{:.1}ms", d.as_secs_f64() * 1e3),
-        )
-    };
-    println!(
-        "closed id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
-        e.id.as_u64(),
-        e.peer_addr
-            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        e.reason.as_str(),
-        e.initiator.as_str(),
-        code(e.code_sent),
-        code(e.code_received),
-        e.duration.as_secs_f64(),
-        e.stats.pings_sent,
-        e.stats.pongs_received,
-        ms(e.stats.last_rtt),
-        ms(e.stats.smoothed_rtt),
-    );
+    Ok(Args { serve, cert, key })
 }
 
 /// The certificate chain and key: from the PEM files, or self-signed now.
@@ -149,8 +105,8 @@ async fn main() -> ExitCode {
         }
     };
     let config = match Config::builder()
-        .ping_interval(args.ping_interval)
-        .pong_timeout(args.pong_timeout)
+        .ping_interval(args.serve.ping_interval)
+        .pong_timeout(args.serve.pong_timeout)
         .close_timeout(Duration::from_secs(2))
         .build()
     {
@@ -171,17 +127,17 @@ async fn main() -> ExitCode {
         .on_close(print_event)
         .metric_label("supervisor", "tls_server")
         .build();
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match TcpListener::bind(args.serve.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.listen);
+            eprintln!("cannot listen on {}: {e}", args.serve.listen);
             return ExitCode::FAILURE;
         }
     };
     let addr = listener.local_addr().expect("bound");
     println!(
         "listening on wss://{addr}/ (ping every {:?}, pong timeout {:?}); Ctrl-C to stop",
-        args.ping_interval, args.pong_timeout
+        args.serve.ping_interval, args.serve.pong_timeout
     );
 
     tokio::spawn(serve(listener, acceptor, supervisor.clone()));
