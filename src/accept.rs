@@ -174,7 +174,7 @@ where
             callback,
             protocols,
         } = self;
-        let inner = supervisor.inner();
+        let inner = supervisor.state();
         let config = supervisor.config();
         let deadline = Instant::now() + config.handshake_timeout();
         // Held from the first byte, so slow handshakes count against the cap.
@@ -262,7 +262,7 @@ where
 {
     // Counted before answering, so a client that has read the answer sees
     // the count.
-    let error = sup.inner().fail_handshake(refusal.cause, None);
+    let error = sup.state().fail_handshake(refusal.cause, None);
     let body = format!("{}\n", refusal.body);
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -8,8 +8,8 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::connection::{ConnectionId, Stats};
 use crate::error::Error;
+use crate::stats::{ConnectionId, Stats};
 
 /// The category of a connection's death. Exactly one per connection.
 ///

@@ -18,7 +18,8 @@ use tokio_tungstenite::tungstenite::handshake::client::Request;
 use crate::config::Config;
 use crate::connection::{ConnInfo, Connection, Role};
 use crate::error::{Error, HandshakeFailure};
-use crate::supervisor::{Slot, Supervisor};
+use crate::state::Slot;
+use crate::supervisor::Supervisor;
 use crate::transport::ReadLayer;
 
 impl Supervisor {
@@ -193,7 +194,7 @@ impl<'a> IntoFuture for Connect<'a> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let supervisor = self.supervisor;
-            let inner = &supervisor.inner;
+            let inner = supervisor.state();
             let slot = supervisor
                 .reserve()
                 .map_err(|cause| inner.fail_handshake(cause, None))?;
@@ -201,7 +202,7 @@ impl<'a> IntoFuture for Connect<'a> {
                 Ok((target, request)) => (request, target),
                 Err(e) => return Err(inner.fail_handshake(failure(&e), Some(e.into()))),
             };
-            let config = &inner.config;
+            let config = inner.config();
             // One future per scheme, each generic over its stream, so `ws://`
             // stays a plain TCP stream with no per-read TLS-or-not branch.
             match target.scheme {
@@ -254,8 +255,8 @@ async fn establish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let inner = &supervisor.inner;
-    match tokio::time::timeout(inner.config.handshake_timeout(), handshake).await {
+    let inner = supervisor.state();
+    match tokio::time::timeout(inner.config().handshake_timeout(), handshake).await {
         Err(_) => Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
         Ok(Err(e)) => Err(inner.fail_handshake(failure(&e), Some(e.into()))),
         Ok(Ok((ws, peer_addr, info))) => supervisor.register(ws, peer_addr, slot, info),

@@ -18,41 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::close::{CloseEvent, truncate_text};
 use crate::error::Error;
 use crate::heartbeat::HeartbeatStats;
-
-/// Identifies a connection within its supervisor (unique, increasing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConnectionId(pub(crate) u64);
-
-impl ConnectionId {
-    /// The number behind the id.
-    pub const fn as_u64(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
-
-/// A snapshot of one connection's heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Pings sent by the supervisor.
-    pub pings_sent: u64,
-    /// Pongs received, matching or not.
-    pub pongs_received: u64,
-    /// Pongs that matched none of our recent pings (unsolicited or stale).
-    pub pongs_unmatched: u64,
-    /// Round-trip time of the last matched pong.
-    pub last_rtt: Option<Duration>,
-    /// Smoothed round-trip time (EWMA, alpha = 1/8, as RFC 6298).
-    pub smoothed_rtt: Option<Duration>,
-    /// Time since the last inbound frame (or since the connection opened).
-    pub since_last_inbound: Duration,
-}
+use crate::stats::{ConnectionId, Stats};
 
 /// Sentinel for "no RTT yet" in the atomics.
 const NONE: u64 = u64::MAX;

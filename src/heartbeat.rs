@@ -154,7 +154,8 @@ impl Heartbeat {
         })
     }
 
-    /// The earliest instant at which [`poll`](Self::poll) has something to do.
+    /// The earliest instant at which the heartbeat has something to do: the
+    /// pong deadline or the next ping.
     pub fn next_wakeup(&self) -> Instant {
         match self.deadline() {
             Some(d) if d < self.next_ping => d,
@@ -262,6 +263,44 @@ impl Heartbeat {
     /// The counters so far.
     pub(crate) fn stats(&self) -> HeartbeatStats {
         self.stats
+    }
+}
+
+/// How long an expired pong deadline waits for frames that were already
+/// received but not yet read: the pong may be among them, and the peer is
+/// not blamed for our own backlog (see `docs/keepalive.md`, "Reading on
+/// past the deadline").
+///
+/// Bounded by passes of the driver's loop, not by time: each pass reads at
+/// most one frame that is already buffered (a read that has to wait for the
+/// network ends the wait at once), so the verdict comes at most
+/// [`MAX_PASSES`](Self::MAX_PASSES) frames late, without waiting on the
+/// peer. Passes that could not read because tokio's cooperative budget was
+/// spent do not count.
+#[derive(Debug, Default)]
+pub(crate) struct OverdueReads {
+    /// Passes in a row that read on past the deadline.
+    passes: u32,
+}
+
+impl OverdueReads {
+    /// Most frames read past an expired deadline before it is declared: a
+    /// flood of buffered frames cannot postpone the verdict further.
+    pub(crate) const MAX_PASSES: u32 = 64;
+
+    /// Whether to read one more frame before declaring the timeout.
+    /// `overdue`: the deadline has passed and frames are waiting; `counted`:
+    /// this pass can read (tokio's budget is not spent).
+    pub(crate) fn read_on(&mut self, overdue: bool, counted: bool) -> bool {
+        if overdue && self.passes < Self::MAX_PASSES {
+            if counted {
+                self.passes += 1;
+            }
+            true
+        } else {
+            self.passes = 0;
+            false
+        }
     }
 }
 
@@ -467,5 +506,27 @@ mod tests {
         let a = ping(&mut h, t0 + S).unwrap();
         let b = ping(&mut h, t0 + 2 * S).unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn overdue_reads_are_bounded_and_reset() {
+        let mut o = OverdueReads::default();
+        for _ in 0..OverdueReads::MAX_PASSES {
+            assert!(o.read_on(true, true));
+        }
+        assert!(!o.read_on(true, true), "the bound is reached: declare it");
+        // Passes without budget do not count.
+        let mut o = OverdueReads::default();
+        for _ in 0..1000 {
+            assert!(o.read_on(true, false));
+        }
+        assert!(o.read_on(true, true));
+        // Nothing overdue: the count starts over.
+        let mut o = OverdueReads::default();
+        for _ in 0..10 {
+            o.read_on(true, true);
+        }
+        assert!(!o.read_on(false, true));
+        assert_eq!(o.passes, 0);
     }
 }

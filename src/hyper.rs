@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use crate::connection::{ConnInfo, Connection, Role};
 use crate::error::{Error, HandshakeFailure};
 use crate::handshake::{self, Checked, Refusal};
-use crate::supervisor::{PeerGuard, Slot, Supervisor};
+use crate::state::{PeerGuard, Slot};
+use crate::supervisor::Supervisor;
 use crate::transport::ReadLayer;
 
 impl Supervisor {
@@ -151,7 +152,7 @@ impl HttpUpgrade {
     where
         R: Default,
     {
-        let inner = self.supervisor.inner().clone();
+        let inner = self.supervisor.state().clone();
         let refuse = |refusal: Refusal| {
             inner.fail_handshake(refusal.cause, None);
             UpgradeRejection { refusal }
@@ -176,7 +177,7 @@ impl HttpUpgrade {
         let upgrading = Upgrading {
             supervisor: self.supervisor,
             on_upgrade,
-            deadline: Instant::now() + inner.config.handshake_timeout(),
+            deadline: Instant::now() + inner.config().handshake_timeout(),
             peer_addr: self.peer_addr,
             slot,
             peer_guard,
@@ -201,7 +202,7 @@ impl HttpUpgrade {
         F: FnOnce(Connection) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let tracker = self.supervisor.inner().tracker.clone();
+        let tracker = self.supervisor.state().tracker().clone();
         match self.respond() {
             Ok((response, upgrading)) => {
                 tracker.spawn(async move {
@@ -265,7 +266,7 @@ impl IntoFuture for Upgrading {
                 peer_guard,
                 info,
             } = self;
-            let inner = supervisor.inner();
+            let inner = supervisor.state();
             let upgraded = match timeout_at(deadline, on_upgrade).await {
                 Err(_) => return Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
                 Ok(Err(e)) => {

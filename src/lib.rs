@@ -141,6 +141,7 @@ mod connect;
 mod connection;
 mod driver;
 mod error;
+mod guard;
 mod handshake;
 mod heartbeat;
 mod hook;
@@ -150,22 +151,28 @@ pub mod metrics;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
+mod shutdown;
+mod signal;
+mod state;
+mod stats;
 mod supervisor;
 #[cfg(feature = "rustls")]
 mod tls;
 mod trace;
 mod transport;
+mod verdict;
 
 pub use accept::Accept;
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
 pub use connect::Connect;
-pub use connection::{Connection, ConnectionId, Sender, Stats};
+pub use connection::{Connection, Sender};
 pub use error::{Error, HandshakeFailure};
 pub use hook::CloseHook;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 pub use hyper::{HttpUpgrade, UpgradeRejection, Upgrading};
+pub use stats::{ConnectionId, Stats};
 pub use supervisor::{ShutdownSummary, Supervisor, SupervisorBuilder};
 pub use transport::ReadLayer;
 

@@ -1,32 +1,23 @@
 //! The supervisor handle: accept, connect, supervise, shut down. See [`Supervisor`].
 
-use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::BuildHasher;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
-};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::connection::{ConnInfo, Connection, ConnectionId, Sender, Shared};
+use crate::connection::{ConnInfo, Connection, Sender, Shared};
 use crate::driver::Driver;
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
-use crate::metrics::Metrics;
+use crate::state::{Slot, SupervisorState};
+use crate::verdict::refusal_frame;
 
 /// Supervises WebSocket connections: pings each peer on a schedule, holds it
 /// to a pong deadline, and runs the close hooks exactly once per connection
@@ -87,121 +78,7 @@ use crate::metrics::Metrics;
 /// end into one [`CloseReason`].
 #[derive(Clone)]
 pub struct Supervisor {
-    pub(crate) inner: Arc<Inner>,
-}
-
-/// State shared by the handle and every driver task.
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) hooks: Hooks,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) cancel: CancellationToken,
-    /// Set by `shutdown` before it cancels: when forced closes happen.
-    pub(crate) shutdown_deadline: OnceLock<Instant>,
-    /// Guards "not shutting down" + spawn against `shutdown` (see `register`).
-    closing: Mutex<bool>,
-    /// Set with `closing`, before `cancel` fires: a lock-free "shutting down"
-    /// for `reserve`, and lets drivers skip polling `cancel` until then.
-    pub(crate) shutting_down: AtomicBool,
-    next_id: AtomicU64,
-    /// Connections whose driver runs (changed only where the hooks run).
-    pub(crate) live: AtomicUsize,
-    /// Slots held for `max_connections`, including handshakes under way.
-    slots: AtomicUsize,
-    accepted: AtomicU64,
-    pub(crate) closed: [AtomicU64; CloseReason::ALL.len()],
-    pub(crate) forced: AtomicU64,
-    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
-    /// Handshakes in flight per peer IP, when `max_handshakes_per_ip` is set.
-    peers: Mutex<HashMap<IpAddr, usize>>,
-    pub(crate) hook_panics: AtomicU64,
-    /// Handles registered at build time (see `metrics.rs`).
-    pub(crate) metrics: Metrics,
-    /// Random per supervisor: mixes ids into ping phases and nonce keys.
-    seed: RandomState,
-    /// Origin of the ping slots of every connection (see `heartbeat.rs`).
-    pub(crate) epoch: Instant,
-}
-
-impl Inner {
-    /// Counts a failed handshake and returns its error.
-    pub(crate) fn fail_handshake(
-        &self,
-        cause: HandshakeFailure,
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Error {
-        self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
-        self.metrics.handshake_failed(cause);
-        Error::handshake(cause, source)
-    }
-
-    /// Counts a handshake in flight from `peer`'s address against
-    /// `max_handshakes_per_ip`, until the guard drops. `Ok(None)` when there
-    /// is no cap or no address.
-    pub(crate) fn enter_handshake(
-        self: &Arc<Self>,
-        peer: Option<SocketAddr>,
-    ) -> Result<Option<PeerGuard>, HandshakeFailure> {
-        let (Some(max), Some(peer)) = (self.config.max_handshakes_per_ip(), peer) else {
-            return Ok(None);
-        };
-        let ip = peer.ip();
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let n = peers.entry(ip).or_insert(0);
-        if *n >= max {
-            return Err(HandshakeFailure::PeerLimit);
-        }
-        *n += 1;
-        Ok(Some(PeerGuard {
-            inner: self.clone(),
-            ip,
-        }))
-    }
-
-    /// A pseudo-random `u64` for connection `id` and `purpose`.
-    pub(crate) fn random(&self, id: ConnectionId, purpose: u8) -> u64 {
-        self.seed.hash_one((id.0, purpose))
-    }
-}
-
-/// One handshake in flight from `ip`, counted until dropped (see
-/// [`Inner::enter_handshake`]).
-pub(crate) struct PeerGuard {
-    inner: Arc<Inner>,
-    ip: IpAddr,
-}
-
-impl Drop for PeerGuard {
-    fn drop(&mut self) {
-        let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = peers.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                peers.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl fmt::Debug for PeerGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PeerGuard").field("ip", &self.ip).finish()
-    }
-}
-
-/// A slot counted against `max_connections`, released on drop.
-pub(crate) struct Slot(Arc<Inner>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.slots.fetch_sub(1, Relaxed);
-    }
-}
-
-impl fmt::Debug for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Slot")
-    }
+    state: Arc<SupervisorState>,
 }
 
 /// Builds a [`Supervisor`] with its close hooks.
@@ -232,27 +109,7 @@ impl SupervisorBuilder {
     /// installed now (install it first; see `docs/metrics.md`).
     pub fn build(self) -> Supervisor {
         Supervisor {
-            inner: Arc::new(Inner {
-                config: self.config,
-                hooks: self.hooks,
-                tracker: TaskTracker::new(),
-                cancel: CancellationToken::new(),
-                shutdown_deadline: OnceLock::new(),
-                closing: Mutex::new(false),
-                shutting_down: AtomicBool::new(false),
-                next_id: AtomicU64::new(1),
-                live: AtomicUsize::new(0),
-                slots: AtomicUsize::new(0),
-                accepted: AtomicU64::new(0),
-                closed: Default::default(),
-                forced: AtomicU64::new(0),
-                handshake_failures: Default::default(),
-                peers: Mutex::default(),
-                hook_panics: AtomicU64::new(0),
-                metrics: Metrics::register(&self.labels),
-                seed: RandomState::new(),
-                epoch: Instant::now(),
-            }),
+            state: Arc::new(SupervisorState::new(self.config, self.hooks, &self.labels)),
         }
     }
 }
@@ -284,12 +141,12 @@ impl Supervisor {
 
     /// The configuration in force.
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        self.state.config()
     }
 
     /// The state shared with the drivers, for the ways in.
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
+    pub(crate) fn state(&self) -> &Arc<SupervisorState> {
+        &self.state
     }
 
     /// Supervises a WebSocket someone else built (a handshake of your own,
@@ -327,33 +184,17 @@ impl Supervisor {
         match self.reserve() {
             Ok(slot) => self.register(ws, peer_addr, slot, ConnInfo::default()),
             Err(cause) => {
-                let code = match cause {
-                    HandshakeFailure::AtCapacity => CloseCode::Again,
-                    _ => CloseCode::Away,
-                };
-                let frame = CloseFrame {
-                    code,
-                    reason: cause.as_str().into(),
-                };
-                let _ =
-                    tokio::time::timeout(self.inner.config.close_timeout(), ws.close(Some(frame)))
-                        .await;
-                Err(self.inner.fail_handshake(cause, None))
+                let frame = refusal_frame(cause);
+                let close_timeout = self.config().close_timeout();
+                let _ = tokio::time::timeout(close_timeout, ws.close(Some(frame))).await;
+                Err(self.state.fail_handshake(cause, None))
             }
         }
     }
 
     /// Takes a slot for one connection, if allowed.
     pub(crate) fn reserve(&self) -> Result<Slot, HandshakeFailure> {
-        if self.is_shutting_down() {
-            return Err(HandshakeFailure::ShuttingDown);
-        }
-        let max = self.inner.config.max_connections().unwrap_or(usize::MAX);
-        self.inner
-            .slots
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .map_err(|_| HandshakeFailure::AtCapacity)?;
-        Ok(Slot(self.inner.clone()))
+        self.state.reserve()
     }
 
     /// Starts the driver task of an upgraded connection.
@@ -367,9 +208,9 @@ impl Supervisor {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let inner = &self.inner;
-        let config = &inner.config;
-        let id = ConnectionId(inner.next_id.fetch_add(1, Relaxed));
+        let state = &self.state;
+        let config = state.config();
+        let id = state.next_id();
         let shared = Arc::new(Shared::new(Instant::now()));
         let (in_tx, in_rx) = mpsc::channel(config.inbound_queue());
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue());
@@ -384,7 +225,7 @@ impl Supervisor {
         );
         let driver = Driver::new(
             ws,
-            inner.clone(),
+            state.clone(),
             shared.clone(),
             id,
             peer_addr,
@@ -392,22 +233,17 @@ impl Supervisor {
             out_rx,
             slot,
         );
-        {
-            // Holding the lock across the check and the spawn means that a
-            // concurrent `shutdown` either sees this task in the tracker or
-            // made us refuse it: no connection escapes the drain.
-            let closing = inner.closing.lock().unwrap_or_else(|e| e.into_inner());
-            if *closing {
-                drop(closing);
-                // The driver was never started: disarm it without a hook.
-                driver.abandon();
-                return Err(inner.fail_handshake(HandshakeFailure::ShuttingDown, None));
-            }
-            inner.live.fetch_add(1, Relaxed);
-            inner.metrics.connections.increment(1.0);
-            inner.accepted.fetch_add(1, Relaxed);
-            inner.metrics.accepted.increment(1);
-            inner.tracker.spawn(span.instrument(driver.run()));
+        // A concurrent `shutdown` either sees this task in the tracker or
+        // makes us refuse it: no connection escapes the drain.
+        let mut pending = Some((driver, span));
+        state.admit(|tracker| {
+            let (driver, span) = pending.take().expect("admitted once");
+            tracker.spawn(span.instrument(driver.run()));
+        });
+        if let Some((mut driver, _)) = pending {
+            // Never started: no hook runs.
+            driver.disarm();
+            return Err(state.fail_handshake(HandshakeFailure::ShuttingDown, None));
         }
         Ok(Connection::new(
             in_rx,
@@ -420,7 +256,7 @@ impl Supervisor {
 
     /// Number of live supervised connections (hooks not yet run).
     pub fn len(&self) -> usize {
-        self.inner.live.load(Relaxed)
+        self.state.live()
     }
 
     /// Whether no supervised connection is live.
@@ -430,27 +266,27 @@ impl Supervisor {
 
     /// Whether [`shutdown`](Self::shutdown) has started.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Acquire)
+        self.state.shutdown().has_begun()
     }
 
     /// Connections that completed their handshake, since the start.
     pub fn accepted_total(&self) -> u64 {
-        self.inner.accepted.load(Relaxed)
+        self.state.accepted()
     }
 
     /// Connections closed with `reason`, since the start (hooks included).
     pub fn closed_total(&self, reason: CloseReason) -> u64 {
-        self.inner.closed[reason.index()].load(Relaxed)
+        self.state.closed(reason)
     }
 
     /// Handshakes that failed with `cause`, since the start.
     pub fn handshake_failures(&self, cause: HandshakeFailure) -> u64 {
-        self.inner.handshake_failures[cause.index()].load(Relaxed)
+        self.state.handshake_failures(cause)
     }
 
     /// Close-hook calls that panicked, since the start.
     pub fn hook_panics(&self) -> u64 {
-        self.inner.hook_panics.load(Relaxed)
+        self.state.hook_panics()
     }
 
     /// Shuts down gracefully: refuses new connections, sends Close 1001 to
@@ -468,20 +304,17 @@ impl Supervisor {
     pub async fn shutdown(&self, grace: Duration) -> ShutdownSummary {
         let started = Instant::now();
         let before = self.counts();
-        let forced_before = self.inner.forced.load(Relaxed);
+        let shutdown = self.state.shutdown();
+        let forced_before = shutdown.forced();
         let panics_before = self.hook_panics();
-        {
-            let mut closing = self.inner.closing.lock().unwrap_or_else(|e| e.into_inner());
-            *closing = true;
-            let _ = self.inner.shutdown_deadline.set(started + grace);
-            self.inner.shutting_down.store(true, Release);
-        }
-        // From here each finishing driver counts this gauge down.
-        let metrics = &self.inner.metrics;
+        shutdown.begin(started + grace);
+        // From here each finishing driver sets this gauge to what is left.
+        let metrics = self.state.metrics();
         metrics.shutdown_remaining.set(self.len() as f64);
-        self.inner.cancel.cancel();
-        self.inner.tracker.close();
-        self.inner.tracker.wait().await;
+        shutdown.stop_drivers();
+        let tracker = self.state.tracker();
+        tracker.close();
+        tracker.wait().await;
         metrics.shutdown_remaining.set(0.0);
         let after = self.counts();
         let mut by_reason = [0; CloseReason::ALL.len()];
@@ -490,7 +323,7 @@ impl Supervisor {
         }
         ShutdownSummary {
             by_reason,
-            forced: self.inner.forced.load(Relaxed) - forced_before,
+            forced: shutdown.forced() - forced_before,
             hook_panics: self.hook_panics() - panics_before,
             elapsed: started.elapsed(),
         }
@@ -507,7 +340,7 @@ impl fmt::Debug for Supervisor {
             .field("live", &self.len())
             .field("accepted", &self.accepted_total())
             .field("shutting_down", &self.is_shutting_down())
-            .field("hooks", &self.inner.hooks)
+            .field("hooks", self.state.hooks())
             .finish()
     }
 }

@@ -26,7 +26,7 @@ mod imp {
     use tracing::{Level, Span, event, field};
 
     use crate::close::{CloseEvent, CloseReason, Initiator};
-    use crate::connection::ConnectionId;
+    use crate::stats::ConnectionId;
 
     /// The target of every span and event: the crate's root path, so that
     /// `ws_supervisor=info` filters them all, and so that moving code
@@ -181,7 +181,7 @@ mod imp {
     use std::time::Duration;
 
     use crate::close::CloseEvent;
-    use crate::connection::ConnectionId;
+    use crate::stats::ConnectionId;
 
     /// Nothing: a zero-sized stand-in for the span.
     #[derive(Debug)]

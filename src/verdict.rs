@@ -19,7 +19,10 @@ use crate::error::{Error, HandshakeFailure};
 pub(crate) struct Verdict {
     /// The first final cause, as it will be reported.
     outcome: Option<Outcome>,
-    /// The code of the Close frame we queued (`close_sent`).
+    /// We queued a Close frame, or the protocol layer answered the peer's
+    /// (`close_sent`): the protocol allows no second one.
+    close_sent: bool,
+    /// The code of that Close frame (`None`: an empty one, or none sent).
     code_sent: Option<CloseCode>,
     /// The code of the Close frame the peer sent (`close_rcvd`).
     code_received: Option<CloseCode>,
@@ -140,21 +143,23 @@ impl Verdict {
         let code = frame.map(|f| f.code);
         let text = frame.map_or_else(String::new, |f| f.reason.to_string());
         self.code_received = code;
-        if self.code_sent.is_none() {
-            self.code_sent = code.map(|c| if c.is_allowed() { c } else { CloseCode::Protocol });
+        if !self.close_sent {
+            self.close_sent = true;
+            self.code_sent = code.map(|c| {
+                if c.is_allowed() {
+                    c
+                } else {
+                    CloseCode::Protocol
+                }
+            });
         }
         self.record(Cause::PeerClose(code), text, None);
     }
 
     /// Our Close frame (with `code`, `None` for an empty one) was queued.
     pub(crate) fn sent(&mut self, code: Option<CloseCode>) {
+        self.close_sent = true;
         self.code_sent = code;
-    }
-
-    /// Whether a Close frame was sent or answered (the protocol allows no
-    /// second one).
-    pub(crate) fn close_sent(&self) -> bool {
-        self.code_sent.is_some()
     }
 
     /// The code of our Close frame, if one went out.
@@ -237,7 +242,11 @@ mod tests {
             Cause::TransportEnded,
         ] {
             let mut v = Verdict::default();
-            v.record(Cause::AppClose(Some(CloseCode::Away)), "moving".into(), None);
+            v.record(
+                Cause::AppClose(Some(CloseCode::Away)),
+                "moving".into(),
+                None,
+            );
             v.record(then, String::new(), None);
             // The handshake ended: a later deadline changes nothing.
             v.record(Cause::CloseHandshakeTimeout, String::new(), None);
@@ -273,6 +282,14 @@ mod tests {
         assert_eq!(v.code_sent(), Some(CloseCode::Away));
         assert_eq!(v.code_received(), Some(CloseCode::Normal));
         assert_eq!(reason(&mut v).0, R::GoingAway);
+
+        // Our empty Close went out first: nothing answers the peer's.
+        let mut v = Verdict::default();
+        v.record(Cause::AppClose(None), String::new(), None);
+        v.sent(None);
+        v.peer_closed(Some(&frame(1000, "")));
+        assert_eq!(v.code_sent(), None);
+        assert_eq!(v.code_received(), Some(CloseCode::Normal));
     }
 
     #[test]
@@ -305,17 +322,36 @@ mod tests {
     // The "code we send" column, row by row.
     #[test]
     fn the_close_frame_of_each_cause() {
-        let code = |c: Cause<'_>| close_frame(&c).map(|f| (u16::from(f.code), f.reason.to_string()));
+        let code =
+            |c: Cause<'_>| close_frame(&c).map(|f| (u16::from(f.code), f.reason.to_string()));
         assert_eq!(code(Cause::AppDropped), Some((1000, String::new())));
-        assert_eq!(code(Cause::AppPanicked), Some((1011, "application panicked".into())));
-        assert_eq!(code(Cause::Shutdown), Some((1001, "server shutting down".into())));
-        assert_eq!(code(Cause::PongTimeout), Some((1011, "ping timeout".into())));
-        let big = WsError::Capacity(
-            tokio_tungstenite::tungstenite::error::CapacityError::MessageTooLong { size: 2, max_size: 1 },
+        assert_eq!(
+            code(Cause::AppPanicked),
+            Some((1011, "application panicked".into()))
         );
-        assert_eq!(code(Cause::Failed(&big)), Some((1009, "message too big".into())));
+        assert_eq!(
+            code(Cause::Shutdown),
+            Some((1001, "server shutting down".into()))
+        );
+        assert_eq!(
+            code(Cause::PongTimeout),
+            Some((1011, "ping timeout".into()))
+        );
+        let big = WsError::Capacity(
+            tokio_tungstenite::tungstenite::error::CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1,
+            },
+        );
+        assert_eq!(
+            code(Cause::Failed(&big)),
+            Some((1009, "message too big".into()))
+        );
         let utf8 = WsError::Utf8(String::new());
-        assert_eq!(code(Cause::Failed(&utf8)), Some((1007, "invalid data".into())));
+        assert_eq!(
+            code(Cause::Failed(&utf8)),
+            Some((1007, "invalid data".into()))
+        );
         let reset = WsError::ConnectionClosed;
         assert_eq!(code(Cause::Failed(&reset)), None);
         for none in [
@@ -327,7 +363,13 @@ mod tests {
         ] {
             assert_eq!(code(none), None);
         }
-        assert_eq!(refusal_frame(HandshakeFailure::AtCapacity).code, CloseCode::Again);
-        assert_eq!(refusal_frame(HandshakeFailure::ShuttingDown).code, CloseCode::Away);
+        assert_eq!(
+            refusal_frame(HandshakeFailure::AtCapacity).code,
+            CloseCode::Again
+        );
+        assert_eq!(
+            refusal_frame(HandshakeFailure::ShuttingDown).code,
+            CloseCode::Away
+        );
     }
 }
