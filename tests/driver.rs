@@ -1,0 +1,103 @@
+//! The driver's state machine at its corners, over an in-memory pipe under
+//! virtual time, after hyper's dispatch tests: what the driver does when two
+//! things happen at once.
+
+mod support;
+
+use tokio::time::{Instant, sleep};
+use ws_supervisor::tungstenite::Message;
+use ws_supervisor::{CloseCode, CloseReason as R, Initiator::Local, Initiator::Remote};
+
+use support::*;
+
+/// A pipe this small fills with one large message the peer does not read.
+const SMALL_PIPE: usize = 4096;
+
+/// Blocks the driver's write side: a message far larger than the pipe,
+/// which the peer does not read.
+async fn block_writes(conn: &ws_supervisor::Connection) {
+    conn.send(Message::binary(vec![7u8; 256 * 1024]))
+        .await
+        .unwrap();
+    // Let the driver write what fits and find the socket full.
+    sleep(MS).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_due_while_the_write_side_is_blocked_leaves_the_verdict_to_the_write_timeout() {
+    let config = heartbeat(SEC, 5 * SEC)
+        .write_timeout(3 * SEC)
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, _peer_never_reads) = accept_raw_with(&sup, SMALL_PIPE).await;
+    let started = Instant::now();
+    block_writes(&conn).await;
+    let event = conn.closed().await;
+    // The ping at 1 s went into our buffer behind the message; its pong
+    // deadline (6 s) never came: the stalled write ended it at 3 s.
+    assert_eq!((event.reason, event.initiator), (R::Timeout, Local));
+    assert_eq!(event.text, "write timeout");
+    assert_eq!(
+        event.code_sent, None,
+        "no Close can get out of a stuck write side"
+    );
+    assert_eq!(
+        event.stats.pings_sent, 2,
+        "pings at 1 s and 2 s were queued"
+    );
+    let took = Instant::now() - started;
+    assert!(took >= 3 * SEC && took < 3 * SEC + 10 * MS, "{took:?}");
+    assert_eq!(events.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_peers_close_arriving_while_ours_is_queued_makes_our_close_final() {
+    let config = heartbeat(60 * SEC, 60 * SEC)
+        .close_timeout(2 * SEC)
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, mut peer) = accept_raw_with(&sup, SMALL_PIPE).await;
+    block_writes(&conn).await;
+    // Dropping the connection queues our Close 1000 behind the message,
+    // in the protocol layer's buffer; the peer closes too, unaware.
+    drop(conn);
+    sleep(MS).await;
+    assert_eq!(events.len(), 0, "our Close is still queued");
+    peer.close(1000, "me too").await;
+    events.wait_for(1).await;
+    let event = events.only();
+    // Its Close ended the handshake: ours came first and is final, though
+    // it never reached the peer.
+    assert_eq!((event.reason, event.initiator), (R::Normal, Local));
+    assert_eq!(event.code_sent, Some(CloseCode::Normal));
+    assert_eq!(event.code_received, Some(CloseCode::Normal));
+    assert_eq!(event.text, "", "the peer's text is not ours");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_the_failure_path_caps_it_at_the_grace_period() {
+    let config = heartbeat(60 * SEC, 60 * SEC)
+        .write_timeout(30 * SEC)
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, mut peer) = accept_raw_with(&sup, SMALL_PIPE).await;
+    block_writes(&conn).await;
+    // Invalid UTF-8: the failure path, a Close 1007 that cannot get out.
+    peer.send(OP_TEXT, &[0xff, 0xfe]).await;
+    sleep(MS).await;
+    assert!(conn.close_event().is_none(), "still flushing its Close");
+    let started = Instant::now();
+    let summary = sup.shutdown(SEC).await;
+    let took = Instant::now() - started;
+    // The grace period (1 s), not the write timeout (30 s), ended the wait;
+    // the reason stays the first one.
+    assert!(took >= SEC && took < SEC + 10 * MS, "{took:?}");
+    assert_eq!(summary.forced(), 1);
+    assert_eq!(summary.count(R::ProtocolError), 1);
+    let event = events.only();
+    assert_eq!((event.reason, event.initiator), (R::ProtocolError, Remote));
+    assert_eq!(event.code_sent, Some(CloseCode::Invalid));
+}
