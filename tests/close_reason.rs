@@ -183,6 +183,26 @@ async fn timeout__close_handshake_not_answered() {
     drained.await.unwrap();
 }
 
+/// Pins a bug (issue "No dead peer outlives its bound", item 3): dropping
+/// the `Connection` on a peer that never answers our Close was reported as
+/// `Normal`/local, while an explicit `close(1000)` was `Timeout`.
+#[tokio::test(start_paused = true)]
+async fn timeout__dropped_connection_close_not_answered() {
+    let config = Config::builder().close_timeout(2 * SEC).build().unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, peer) = accept_raw(&sup).await;
+    let drained = tokio::spawn(peer.drain());
+    let dropped = Instant::now();
+    drop(conn);
+    events.wait_for(1).await;
+    let event = events.only();
+    assert_reason(&event, R::Timeout, Local);
+    assert_eq!(event.code_sent, Some(CloseCode::Normal));
+    assert_eq!(event.code_received, None);
+    assert_eq!(Instant::now() - dropped, 2 * SEC);
+    drained.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn protocol_error__peer_close_codes() {
     for code in [1002, 1003, 1007, 1009, 1010] {
