@@ -237,9 +237,11 @@ impl fmt::Debug for Sender {
 ///   [`stats`](Self::stats), [`id`](Self::id) and
 ///   [`peer_addr`](Self::peer_addr).
 ///
-/// Dropping the `Connection` closes it with 1000 (reason
-/// [`Normal`](crate::CloseReason::Normal), local). Dropping it while the
-/// holding task panics closes it with 1011 (reason
+/// Dropping the `Connection` closes it with 1000, as [`close`](Self::close)
+/// does: reason [`Normal`](crate::CloseReason::Normal), local, once the
+/// peer answers, or [`Timeout`](crate::CloseReason::Timeout), local, if it
+/// does not answer within the close timeout. Dropping it while the holding
+/// task panics closes it with 1011 (reason
 /// [`Internal`](crate::CloseReason::Internal), local).
 ///
 /// If the application stops taking messages, the inbound queue fills, the

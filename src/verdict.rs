@@ -35,7 +35,8 @@ pub(crate) struct Outcome {
     pub(crate) initiator: Initiator,
     pub(crate) text: String,
     pub(crate) error: Option<Error>,
-    /// An application close: final once the handshake ends, but replaced by
+    /// A close the application started (`close()`, or dropping its
+    /// `Connection`): final once the handshake ends, but replaced by
     /// `Timeout` if the peer never answers it (rule 2 of the table).
     provisional: bool,
 }
@@ -90,7 +91,8 @@ impl Verdict {
     /// Records what happened; the first final cause wins (rule 1).
     pub(crate) fn record(&mut self, cause: Cause<'_>, text: String, error: Option<Error>) {
         let overrides = matches!(cause, Cause::CloseHandshakeTimeout);
-        let provisional = matches!(cause, Cause::AppClose(_));
+        // One rule for `close()` and for dropping the `Connection`.
+        let provisional = matches!(cause, Cause::AppClose(_) | Cause::AppDropped);
         let (reason, initiator) = classify(&cause);
         let text = match self.outcome.take() {
             None => text,
@@ -252,6 +254,19 @@ mod tests {
             v.record(Cause::CloseHandshakeTimeout, String::new(), None);
             assert_eq!(reason(&mut v), (R::GoingAway, Local, "moving".into()));
         }
+    }
+
+    #[test]
+    fn a_dropped_connection_follows_the_same_rule_as_close() {
+        let mut v = Verdict::default();
+        v.record(Cause::AppDropped, String::new(), None);
+        v.record(Cause::CloseHandshakeTimeout, String::new(), None);
+        assert_eq!(reason(&mut v).0, R::Timeout);
+        let mut v = Verdict::default();
+        v.record(Cause::AppDropped, String::new(), None);
+        v.record(Cause::TransportEnded, String::new(), None);
+        v.record(Cause::CloseHandshakeTimeout, String::new(), None);
+        assert_eq!(reason(&mut v).0, R::Normal);
     }
 
     #[test]

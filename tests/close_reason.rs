@@ -199,7 +199,8 @@ async fn timeout__dropped_connection_close_not_answered() {
     assert_reason(&event, R::Timeout, Local);
     assert_eq!(event.code_sent, Some(CloseCode::Normal));
     assert_eq!(event.code_received, None);
-    assert_eq!(Instant::now() - dropped, 2 * SEC);
+    let took = Instant::now() - dropped;
+    assert!(took >= 2 * SEC && took <= 2 * SEC + 10 * MS, "{took:?}");
     drained.await.unwrap();
 }
 
@@ -708,7 +709,7 @@ async fn a_message_after_a_burst_goes_out_at_once() {
 /// multi-threaded runtime; since the fix, the drop stops the queue taking
 /// new messages. This single-threaded test passes either way.)
 #[tokio::test(start_paused = true)]
-async fn normal__dropped_connection_closes_although_another_sender_keeps_sending() {
+async fn timeout__dropped_connection_closes_although_another_sender_keeps_sending() {
     let (sup, events) = supervisor(Config::default());
     let (conn, peer) = accept_raw(&sup).await;
     let drained = tokio::spawn(peer.drain());
@@ -731,6 +732,8 @@ async fn normal__dropped_connection_closes_although_another_sender_keeps_sending
     let sent = chatty.await.unwrap();
     assert!(sent < 100_000, "sends kept being accepted after the drop");
     events.wait_for(1).await;
-    assert_reason(&events.only(), R::Normal, Local);
+    // The peer reads but never answers our Close: like `close()`, the drop
+    // then ends as a timeout (it was `Normal` before that rule).
+    assert_reason(&events.only(), R::Timeout, Local);
     drained.abort();
 }

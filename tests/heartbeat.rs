@@ -8,7 +8,8 @@ use support::*;
 use tokio::time::{Instant, sleep, timeout_at};
 use ws_supervisor::{CloseCode, CloseReason, Initiator, Liveness};
 
-/// A peer that answers each ping after `delay`, counting the pings.
+/// A peer that answers each ping after `delay`, counting the pings, and
+/// answers our Close.
 async fn delayed_ponger(mut peer: RawPeer<tokio::io::DuplexStream>, delay: Duration) -> usize {
     let mut pings = 0;
     while let Some(frame) = peer.read_frame().await {
@@ -16,6 +17,8 @@ async fn delayed_ponger(mut peer: RawPeer<tokio::io::DuplexStream>, delay: Durat
             pings += 1;
             sleep(delay).await;
             peer.send(OP_PONG, &frame.payload).await;
+        } else if frame.opcode == OP_CLOSE {
+            peer.send(OP_CLOSE, &frame.payload).await;
         }
     }
     pings
