@@ -117,6 +117,32 @@ async fn going_away__peer_close_1012_1013() {
     }
 }
 
+/// Pins a bug (issue "No dead peer outlives its bound", item 4): a runtime
+/// dropped without `shutdown()` (an ordinary process exit) was reported as
+/// `Internal`/local, the reason of a panic, and the peer got a bare EOF.
+#[test]
+fn going_away__runtime_dropped_without_shutdown() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let rt = runtime();
+    let (sup, events) = supervisor(Config::default());
+    let (conn, mut peer) = rt.block_on(accept_raw(&sup));
+    // The process exits: its runtime drops every task, with no shutdown.
+    drop(rt);
+    let event = events.only();
+    assert_reason(&event, R::GoingAway, Local);
+    assert_eq!(event.text, "runtime stopped");
+    assert_eq!(event.code_sent, Some(CloseCode::Away));
+    // The peer was told, best effort, instead of a bare EOF.
+    let frame = runtime().block_on(peer.read_frame()).expect("a Close frame");
+    assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));
+    drop(conn);
+}
+
 #[tokio::test(start_paused = true)]
 async fn going_away__supervisor_shutdown() {
     let (sup, events) = supervisor(Config::default());
