@@ -176,6 +176,9 @@ pub(crate) enum Cause<'a> {
     AppPanicked,
     /// [`Supervisor::shutdown`](crate::Supervisor::shutdown).
     Shutdown,
+    /// The runtime dropped the connection's task without a shutdown (an
+    /// ordinary process exit).
+    RuntimeStopped,
     /// No liveness within `pong_timeout` of a ping.
     PongTimeout,
     /// A write stayed blocked past `write_timeout`.
@@ -200,7 +203,7 @@ pub(crate) fn classify(cause: &Cause<'_>) -> (CloseReason, Initiator) {
         Cause::AppClose(code) => (R::from_close_code(*code), Local),
         Cause::AppDropped => (R::Normal, Local),
         Cause::AppPanicked => (R::Internal, Local),
-        Cause::Shutdown => (R::GoingAway, Local),
+        Cause::Shutdown | Cause::RuntimeStopped => (R::GoingAway, Local),
         Cause::PongTimeout | Cause::WriteStalled | Cause::CloseHandshakeTimeout => {
             (R::Timeout, Local)
         }
@@ -297,6 +300,7 @@ mod tests {
             (Cause::PeerClose(code(1012)), R::GoingAway, Remote),
             (Cause::PeerClose(code(1013)), R::GoingAway, Remote),
             (Cause::Shutdown, R::GoingAway, Local),
+            (Cause::RuntimeStopped, R::GoingAway, Local),
             (Cause::PongTimeout, R::Timeout, Local),
             (Cause::WriteStalled, R::Timeout, Local),
             (Cause::CloseHandshakeTimeout, R::Timeout, Local),

@@ -27,7 +27,7 @@ use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
-use crate::verdict::close_frame;
+use crate::verdict::{close_frame, fallback_cause};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
 /// connection with a flood of frames to read must not keep its worker from
@@ -48,7 +48,7 @@ const BATCH: usize = 16;
 /// the task ends early) last.
 ///
 /// [`poll`]: Self::poll
-pub(crate) struct Driver<S> {
+pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     ws: WebSocketStream<S>,
     state: Arc<SupervisorState>,
     shared: Arc<Shared>,
@@ -178,10 +178,8 @@ where
             })
             .await;
         }
-        // The transport goes first: the hooks see a closed connection.
-        let Self { ws, mut guard, .. } = self;
-        drop(ws);
-        guard.finish();
+        // Dropping `self` now drops the transport first, then the guard,
+        // which runs the hooks: they see a closed connection.
     }
 
     // ===== the poll loop =====
@@ -679,6 +677,37 @@ where
             return true;
         }
         false
+    }
+}
+
+/// A driver dropped before its connection ended: the runtime dropped the
+/// task (the process is exiting without a shutdown), or our own code
+/// panicked. Without a panic, the peer is told with a best-effort Close
+/// 1001 "runtime stopped" (written if the socket takes it at once, never
+/// waited for), and the verdict says so; the guard then runs the hooks.
+impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
+    fn drop(&mut self) {
+        if self.phase == Phase::Done || self.guard.is_done() || std::thread::panicking() {
+            return;
+        }
+        let cancelled = self.state.shutdown().is_cancelled();
+        let cause = fallback_cause(cancelled, false);
+        let Some(frame) = close_frame(&cause) else {
+            return;
+        };
+        let text = frame.reason.to_string();
+        if self.phase == Phase::Open {
+            let code = frame.code;
+            if Pin::new(&mut self.ws)
+                .start_send(Message::Close(Some(frame)))
+                .is_ok()
+            {
+                self.guard.verdict.sent(Some(code));
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(&mut self.ws).poll_flush(&mut cx);
+            }
+        }
+        self.guard.verdict.record(cause, text, None);
     }
 }
 

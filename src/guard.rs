@@ -59,6 +59,11 @@ impl CloseGuard {
         self.done = true;
     }
 
+    /// Whether the hooks ran (or will never run).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
     /// Builds the close event from the verdict, runs the hooks (through the
     /// supervisor's [`connection_closed`](SupervisorState::connection_closed)),
     /// releases the slot and publishes the event to the application. Once.
@@ -67,7 +72,10 @@ impl CloseGuard {
             return;
         }
         self.done = true;
-        let fallback = fallback_cause(self.state.shutdown().is_cancelled());
+        let fallback = fallback_cause(
+            self.state.shutdown().is_cancelled(),
+            std::thread::panicking(),
+        );
         let outcome = self.verdict.take_outcome(fallback);
         let event = CloseEvent {
             id: self.id,

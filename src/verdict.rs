@@ -52,6 +52,7 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
         Cause::AppDropped => (CloseCode::Normal, ""),
         Cause::AppPanicked => (CloseCode::Error, "application panicked"),
         Cause::Shutdown => (CloseCode::Away, "server shutting down"),
+        Cause::RuntimeStopped => (CloseCode::Away, "runtime stopped"),
         Cause::PongTimeout => (CloseCode::Error, "ping timeout"),
         Cause::Failed(e) => {
             let code = code_for_error(e)?;
@@ -191,12 +192,15 @@ impl Verdict {
 }
 
 /// What ended a task that recorded no cause: the supervisor's shutdown
-/// cancelled it, or our own code panicked.
-pub(crate) fn fallback_cause(shutting_down: bool) -> Cause<'static> {
-    if shutting_down {
+/// (`cancelled`), our own code panicking (`panicking`), or else the runtime
+/// dropping the task without a shutdown.
+pub(crate) fn fallback_cause(cancelled: bool, panicking: bool) -> Cause<'static> {
+    if cancelled {
         Cause::Shutdown
-    } else {
+    } else if panicking {
         Cause::AppPanicked
+    } else {
+        Cause::RuntimeStopped
     }
 }
 
@@ -325,13 +329,22 @@ mod tests {
     #[test]
     fn a_task_that_ended_without_a_cause() {
         let mut v = Verdict::default();
+        let o = v.take_outcome(fallback_cause(true, false));
         assert_eq!(
-            v.take_outcome(fallback_cause(true)).reason,
-            R::GoingAway,
+            (o.reason, o.initiator),
+            (R::GoingAway, Local),
             "cancelled by shutdown"
         );
         let mut v = Verdict::default();
-        assert_eq!(v.take_outcome(fallback_cause(false)).reason, R::Internal);
+        let o = v.take_outcome(fallback_cause(false, true));
+        assert_eq!((o.reason, o.initiator), (R::Internal, Local), "our panic");
+        let mut v = Verdict::default();
+        let o = v.take_outcome(fallback_cause(false, false));
+        assert_eq!(
+            (o.reason, o.initiator),
+            (R::GoingAway, Local),
+            "the runtime stopped"
+        );
     }
 
     // The "code we send" column, row by row.
@@ -347,6 +360,10 @@ mod tests {
         assert_eq!(
             code(Cause::Shutdown),
             Some((1001, "server shutting down".into()))
+        );
+        assert_eq!(
+            code(Cause::RuntimeStopped),
+            Some((1001, "runtime stopped".into()))
         );
         assert_eq!(
             code(Cause::PongTimeout),

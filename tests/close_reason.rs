@@ -138,7 +138,9 @@ fn going_away__runtime_dropped_without_shutdown() {
     assert_eq!(event.text, "runtime stopped");
     assert_eq!(event.code_sent, Some(CloseCode::Away));
     // The peer was told, best effort, instead of a bare EOF.
-    let frame = runtime().block_on(peer.read_frame()).expect("a Close frame");
+    let frame = runtime()
+        .block_on(peer.read_frame())
+        .expect("a Close frame");
     assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));
     drop(conn);
 }
