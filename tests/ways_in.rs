@@ -471,3 +471,37 @@ async fn bytes_sent_right_behind_the_request_are_not_lost() {
     let mut conn = sup.accept(server).await.unwrap();
     assert_eq!(conn.recv().await, Some("early".into()));
 }
+
+/// Pins a bug (issue "No dead peer outlives its bound", item 5): a
+/// handshake that completed (101 sent) just as shutdown began was refused
+/// by dropping the socket, and the peer saw 1006 instead of Close 1001.
+#[tokio::test(start_paused = true)]
+async fn a_handshake_completed_as_shutdown_begins_is_told_with_close_1001() {
+    let (sup, events) = supervisor(Config::default());
+    // A pipe too small for the 101 response: the handshake waits on the
+    // client, which reads only once shutdown has begun.
+    let (server, client) = tokio::io::duplex(64);
+    let accepting = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.accept(server).await }
+    });
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let request = upgrade_request("GET", &[UPGRADE, CONNECTION, VERSION, KEY]);
+    writer.write_all(request.as_bytes()).await.unwrap();
+    sleep(MS).await;
+    let shutdown = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.shutdown(SEC).await }
+    });
+    sleep(MS).await;
+    assert!(sup.is_shutting_down());
+    let head = read_http_head(&mut reader).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let err = accepting.await.unwrap().unwrap_err();
+    assert_eq!(err.handshake_failure(), Some(HandshakeFailure::ShuttingDown));
+    let frame = read_frame(&mut reader).await.expect("a Close, not a bare EOF");
+    assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));
+    shutdown.await.unwrap();
+    assert_eq!(events.len(), 0, "never a connection: no hook");
+    assert_eq!(sup.handshake_failures(HandshakeFailure::ShuttingDown), 1);
+}

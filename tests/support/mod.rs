@@ -276,7 +276,7 @@ async fn try_read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> Option<Stri
     String::from_utf8(head).ok()
 }
 
-async fn read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> String {
+pub async fn read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let byte = reader.read_u8().await.expect("handshake response");
