@@ -160,11 +160,6 @@ where
         }
     }
 
-    /// A driver that will never run (its connection was refused): no hook.
-    pub(crate) fn disarm(&mut self) {
-        self.guard.disarm();
-    }
-
     /// Drives the connection to its end, then runs the hooks.
     pub(crate) async fn run(mut self) {
         trace::opened();

@@ -30,7 +30,7 @@ pub(crate) struct CloseGuard {
     peer_addr: Option<SocketAddr>,
     /// Held until the hooks have run.
     slot: Option<Slot>,
-    /// The hooks ran, or the connection was never admitted.
+    /// The hooks ran.
     done: bool,
 }
 
@@ -53,13 +53,7 @@ impl CloseGuard {
         }
     }
 
-    /// The connection was never admitted (its driver never started): no
-    /// hook runs.
-    pub(crate) fn disarm(&mut self) {
-        self.done = true;
-    }
-
-    /// Whether the hooks ran (or will never run).
+    /// Whether the hooks ran.
     pub(crate) fn is_done(&self) -> bool {
         self.done
     }

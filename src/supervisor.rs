@@ -223,26 +223,27 @@ impl Supervisor {
             info.path.as_deref(),
             info.protocol.as_deref(),
         );
-        let driver = Driver::new(
-            ws,
-            state.clone(),
-            shared.clone(),
-            id,
-            peer_addr,
-            in_tx,
-            out_rx,
-            slot,
-        );
         // A concurrent `shutdown` either sees this task in the tracker or
         // makes us refuse it: no connection escapes the drain.
-        let mut pending = Some((driver, span));
+        let mut ws = Some(ws);
         state.admit(|tracker| {
-            let (driver, span) = pending.take().expect("admitted once");
+            let driver = Driver::new(
+                ws.take().expect("admitted once"),
+                state.clone(),
+                shared.clone(),
+                id,
+                peer_addr,
+                in_tx,
+                out_rx,
+                slot,
+            );
             tracker.spawn(span.instrument(driver.run()));
         });
-        if let Some((mut driver, _)) = pending {
-            // Never started: no hook runs.
-            driver.disarm();
+        if let Some(ws) = ws {
+            // Shutdown began after the handshake completed: the peer has
+            // its 101 and is told with a Close 1001, within the close
+            // timeout. No hook: the connection never existed for the app.
+            self.refuse_upgraded(ws, HandshakeFailure::ShuttingDown);
             return Err(state.fail_handshake(HandshakeFailure::ShuttingDown, None));
         }
         Ok(Connection::new(
@@ -252,6 +253,25 @@ impl Supervisor {
             peer_addr,
             info.protocol,
         ))
+    }
+
+    /// Refuses an upgraded stream in the background: its Close (1001 or
+    /// 1013, see [`refusal_frame`]) and the peer's answer, within the close
+    /// timeout, on the tracker (so a `shutdown` under way waits for it).
+    fn refuse_upgraded<S>(&self, mut ws: WebSocketStream<S>, cause: HandshakeFailure)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let close_timeout = self.config().close_timeout();
+        self.state.tracker().spawn(async move {
+            let _ = tokio::time::timeout(close_timeout, async {
+                ws.close(Some(refusal_frame(cause))).await?;
+                // Read on until the peer answers or leaves.
+                while let Some(Ok(_)) = futures::StreamExt::next(&mut ws).await {}
+                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+            })
+            .await;
+        });
     }
 
     /// Number of live supervised connections (hooks not yet run).

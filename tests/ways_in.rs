@@ -498,8 +498,13 @@ async fn a_handshake_completed_as_shutdown_begins_is_told_with_close_1001() {
     let head = read_http_head(&mut reader).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let err = accepting.await.unwrap().unwrap_err();
-    assert_eq!(err.handshake_failure(), Some(HandshakeFailure::ShuttingDown));
-    let frame = read_frame(&mut reader).await.expect("a Close, not a bare EOF");
+    assert_eq!(
+        err.handshake_failure(),
+        Some(HandshakeFailure::ShuttingDown)
+    );
+    let frame = read_frame(&mut reader)
+        .await
+        .expect("a Close, not a bare EOF");
     assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));
     shutdown.await.unwrap();
     assert_eq!(events.len(), 0, "never a connection: no hook");
