@@ -101,3 +101,37 @@ async fn shutdown_during_the_failure_path_caps_it_at_the_grace_period() {
     assert_eq!((event.reason, event.initiator), (R::ProtocolError, Remote));
     assert_eq!(event.code_sent, Some(CloseCode::Invalid));
 }
+
+/// Pins a bug (issue "No dead peer outlives its bound", item 6): while
+/// writes were blocked, a ping was queued every interval until they filled
+/// the write buffer's headroom; then the next data message (and a Close)
+/// no longer fit, and the connection ended at once on a `WriteBufferFull`
+/// error instead of its own close handshake.
+#[tokio::test(start_paused = true)]
+async fn pings_do_not_pile_up_behind_blocked_writes_and_our_close_always_fits() {
+    let config = heartbeat(100 * MS, 600 * SEC)
+        .write_timeout(600 * SEC)
+        .close_timeout(2 * SEC)
+        .write_buffer_limit(1024)
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, _peer_never_reads) = accept_raw_with(&sup, SMALL_PIPE).await;
+    for _ in 0..5 {
+        conn.send(Message::binary(vec![7u8; 1024])).await.unwrap();
+    }
+    // 20 s of pings come due while the data waits for the peer.
+    sleep(20 * SEC).await;
+    assert!(conn.close_event().is_none(), "{:?}", conn.close_event());
+    assert_eq!(conn.stats().pings_sent, 0, "a ping behind our own data never reaches the peer");
+    let dropped = Instant::now();
+    drop(conn);
+    events.wait_for(1).await;
+    let event = events.only();
+    // Our Close was queued, and the peer never answered it.
+    assert_eq!((event.reason, event.initiator), (R::Timeout, Local));
+    assert_eq!(event.code_sent, Some(CloseCode::Normal));
+    assert!(event.error.is_none(), "{:?}", event.error);
+    let took = Instant::now() - dropped;
+    assert!(took >= 2 * SEC && took <= 2 * SEC + 10 * MS, "{took:?}");
+}
