@@ -571,8 +571,7 @@ where
     /// Queues our Close (if the protocol still allows one) and waits for
     /// the handshake until `until`.
     fn send_close(&mut self, frame: Option<CloseFrame>, until: Instant) {
-        self.guard.verdict.sent(frame.as_ref().map(|f| f.code));
-        self.start_send(Message::Close(frame));
+        self.queue_close(frame);
         if self.phase != Phase::Done {
             self.phase = Phase::Closing { until };
         }
@@ -581,12 +580,30 @@ where
     /// Ends the connection for a local failure: a best-effort Close, flushed
     /// within the write timeout, then the transport is dropped.
     fn fail_with_close(&mut self, frame: CloseFrame, now: Instant) {
-        self.guard.verdict.sent(Some(frame.code));
-        self.start_send(Message::Close(Some(frame)));
+        self.queue_close(Some(frame));
         if self.phase != Phase::Done {
             self.phase = Phase::Failing {
                 until: now + self.state.config().write_timeout(),
             };
+        }
+    }
+
+    /// Hands our Close to tungstenite; the verdict records it as sent only
+    /// if it was queued. It always fits a buffer this driver filled (one
+    /// message at most, no pings behind it, see `on_heartbeat`); a stream
+    /// built with a smaller buffer for `supervise` may refuse it, and then
+    /// the event says no Close was sent.
+    fn queue_close(&mut self, frame: Option<CloseFrame>) {
+        let code = frame.as_ref().map(|f| f.code);
+        match Pin::new(&mut self.ws).start_send(Message::Close(frame)) {
+            Ok(()) => {
+                self.guard.verdict.sent(code);
+                self.write.dirty = true;
+            }
+            // tungstenite dropped the frame but counts itself closing: the
+            // handshake deadline ends the wait, with no code sent.
+            Err(WsError::WriteBufferFull(_)) => {}
+            Err(e) => self.on_write_error(e),
         }
     }
 
@@ -655,6 +672,15 @@ where
             return true;
         }
         if let Some(payload) = self.hb.ping_due(now) {
+            if self.write.dirty {
+                // Our own bytes still wait for the socket: a ping queued
+                // behind them would not reach the peer, and holding the
+                // peer to it would blame it for our backlog. Nor may pings
+                // pile up in the buffer: its headroom is for the pong and
+                // the Close. The write timeout judges a stuck write side.
+                self.hb.ping_skipped(now);
+                return true;
+            }
             let ping = Message::Ping(Bytes::copy_from_slice(&payload));
             match Pin::new(&mut self.ws).start_send(ping) {
                 Ok(()) => {

@@ -350,9 +350,12 @@ async fn first_cause_wins__timeout_then_reset_stays_timeout() {
     let config = heartbeat(SEC, SEC).write_timeout(60 * SEC).build().unwrap();
     let (sup, _events) = supervisor(config);
     let (conn, peer) = accept_raw_with(&sup, 4096).await;
-    // Fill the pipe so the Close 1011 cannot get out, then reset at 3 s.
+    // The ping at 1 s goes out; then fill the pipe so the Close 1011 of the
+    // timeout at 2 s cannot get out, then reset at 3 s. (A ping is never
+    // queued behind our own data, so the data comes after it.)
+    sleep(1500 * MS).await;
     conn.send(vec![0u8; 8192]).await.unwrap();
-    sleep(3 * SEC).await;
+    sleep(1500 * MS).await;
     drop(peer);
     let event = conn.closed().await;
     assert_reason(&event, R::Timeout, Local);
