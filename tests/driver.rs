@@ -138,3 +138,91 @@ async fn pings_do_not_pile_up_behind_blocked_writes_and_our_close_always_fits() 
     let took = Instant::now() - dropped;
     assert!(took >= 2 * SEC && took <= 2 * SEC + 10 * MS, "{took:?}");
 }
+
+/// A peer reading our data at a steady pace: `bytes_per_tick` every 100 ms,
+/// for `ticks` ticks (then it stops reading), answering every ping as soon
+/// as it reads it. Returns the data bytes it read.
+async fn paced_reader(
+    peer: RawPeer<tokio::io::DuplexStream>,
+    bytes_per_tick: usize,
+    ticks: usize,
+) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let RawPeer { mut reader, writer } = peer;
+    // What it has read so far, parsed as frames on the other side of a pipe.
+    let (mut paced_tx, paced_rx) = tokio::io::duplex(16 << 20);
+    let copier = tokio::spawn(async move {
+        let mut buf = vec![0u8; bytes_per_tick];
+        for _ in 0..ticks {
+            let Ok(n) = reader.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 || paced_tx.write_all(&buf[..n]).await.is_err() {
+                // The server hung up: so does the parser's side.
+                return;
+            }
+            sleep(100 * MS).await;
+        }
+        // Stops reading, keeps the socket open (until the test ends).
+        std::future::pending::<()>().await;
+        drop((reader, paced_tx));
+    });
+    let mut peer = RawPeer {
+        reader: tokio::io::split(paced_rx).0,
+        writer,
+    };
+    let mut data = 0;
+    while let Some(frame) = peer.read_frame().await {
+        match frame.opcode {
+            OP_PING => peer.send(OP_PONG, &frame.payload).await,
+            OP_BINARY => data += frame.payload.len(),
+            _ => {}
+        }
+    }
+    copier.abort();
+    data
+}
+
+/// Pins a bug (issue "No dead peer outlives its bound", item 2): a peer
+/// reading a 3 MiB message steadily (about 640 KB/s) was killed: first as
+/// "ping timeout" (its pong deadline ran while the ping waited behind the
+/// message), then, with that fixed, by the write timeout, which counted
+/// from the last empty buffer rather than the last byte the socket took.
+#[tokio::test(start_paused = true)]
+async fn a_peer_reading_steadily_survives_a_large_message_and_one_that_stops_is_caught() {
+    let config = || {
+        heartbeat(300 * MS, 300 * MS)
+            .write_timeout(2 * SEC)
+            .close_timeout(SEC)
+            .build()
+            .unwrap()
+    };
+    let message = Message::binary(vec![7u8; 3 << 20]);
+
+    // Keeps reading: alive through the whole message, and after it.
+    let (sup, _events) = supervisor(config());
+    let (conn, peer) = accept_raw_with(&sup, 64 * 1024).await;
+    let reader = tokio::spawn(paced_reader(peer, 64 * 1024, 1000));
+    conn.send(message.clone()).await.unwrap();
+    sleep(8 * SEC).await;
+    assert!(conn.close_event().is_none(), "{:#?}", conn.close_event());
+    assert!(conn.stats().pongs_received > 0, "{:?}", conn.stats());
+    drop(conn);
+    assert_eq!(reader.await.unwrap(), 3 << 20, "the whole message arrived");
+
+    // Stops reading after 1 MiB: caught by the write timeout, counted from
+    // the last bytes the socket took.
+    let (sup, _events) = supervisor(config());
+    let (conn, peer) = accept_raw_with(&sup, 64 * 1024).await;
+    let reader = tokio::spawn(paced_reader(peer, 64 * 1024, 16));
+    let started = Instant::now();
+    conn.send(message).await.unwrap();
+    let event = conn.closed().await;
+    assert_eq!((event.reason, event.initiator), (R::Timeout, Local));
+    assert_eq!(event.text, "write timeout");
+    let took = Instant::now() - started;
+    // The last read at 1.5 s (16 ticks of 100 ms), plus 2 s, plus the one
+    // pipe's worth the socket still took after it.
+    assert!(took >= 3500 * MS && took <= 3800 * MS, "{took:?}");
+    reader.abort();
+}
