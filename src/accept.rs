@@ -241,7 +241,7 @@ where
             path: Some(request.uri().path().into()),
             protocol,
         };
-        supervisor.register(ws, peer_addr, slot, info)
+        supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
     }
 }
 

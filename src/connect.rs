@@ -250,7 +250,7 @@ type Upgraded<S> = (WebSocketStream<S>, Option<SocketAddr>, ConnInfo);
 async fn establish<S>(
     supervisor: &Supervisor,
     slot: Slot,
-    handshake: impl Future<Output = Result<Upgraded<S>, WsError>>,
+    handshake: impl Future<Output = Result<Upgraded<ReadLayer<S>>, WsError>>,
 ) -> Result<Connection, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -259,7 +259,9 @@ where
     match tokio::time::timeout(inner.config().handshake_timeout(), handshake).await {
         Err(_) => Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
         Ok(Err(e)) => Err(inner.fail_handshake(failure(&e), Some(e.into()))),
-        Ok(Ok((ws, peer_addr, info))) => supervisor.register(ws, peer_addr, slot, info),
+        Ok(Ok((ws, peer_addr, info))) => {
+            supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
+        }
     }
 }
 

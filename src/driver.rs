@@ -39,6 +39,11 @@ const BUDGET: usize = 32;
 /// default write-buffer limit.
 const BATCH: usize = 16;
 
+/// Reads how many bytes the socket has accepted from us, for streams whose
+/// writes the supervisor can see ([`ReadLayer`](crate::ReadLayer));
+/// `None` for a stream built elsewhere.
+pub(crate) type Progress<S> = fn(&S) -> Option<u64>;
+
 /// One connection's task: owns the socket and wires the heartbeat, the
 /// verdict and the hooks together. Policy lives in those types; [`poll`]
 /// only runs the steps in order.
@@ -56,7 +61,7 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     phase: Phase,
     to_app: ToApp,
     from_app: FromApp,
-    write: WriteSide,
+    write: WriteSide<S>,
     guard: CloseGuard,
 }
 
@@ -99,11 +104,35 @@ struct FromApp {
 }
 
 /// What the write side owes the socket.
-struct WriteSide {
+struct WriteSide<S> {
     /// Bytes were handed to tungstenite and not yet flushed.
     dirty: bool,
-    /// Since when the write side has been blocked (`None`: it is not).
+    /// Since when the write side has been blocked without progress (`None`:
+    /// it is not blocked): the write timeout counts from here.
     blocked_since: Option<Instant>,
+    /// The socket's accepted-bytes count, where it can be seen.
+    progress: Progress<S>,
+    /// Its last reading.
+    written: Option<u64>,
+}
+
+impl<S> WriteSide<S> {
+    /// The write side could not finish at `now`. The write timeout measures
+    /// time without progress: if the socket took any of our bytes since the
+    /// last look, the clock starts again.
+    fn blocked(&mut self, io: &S, now: Instant) {
+        let written = (self.progress)(io);
+        if written != self.written || self.blocked_since.is_none() {
+            self.written = written;
+            self.blocked_since = Some(now);
+        }
+    }
+
+    /// Everything was flushed.
+    fn flushed(&mut self) {
+        self.dirty = false;
+        self.blocked_since = None;
+    }
 }
 
 impl<S> Driver<S>
@@ -120,6 +149,7 @@ where
         to_app: mpsc::Sender<Inbound>,
         from_app: mpsc::Receiver<Outbound>,
         slot: Slot,
+        progress: Progress<S>,
     ) -> Self {
         let config = state.config();
         // Uniform in [0, 1), from the per-supervisor random seed.
@@ -155,6 +185,8 @@ where
             write: WriteSide {
                 dirty: false,
                 blocked_since: None,
+                progress,
+                written: None,
             },
             guard,
         }
@@ -445,7 +477,7 @@ where
             }
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Pending => {
-                    self.write.blocked_since.get_or_insert(now);
+                    self.write.blocked(self.ws.get_ref(), now);
                     break;
                 }
                 Poll::Ready(Err(e)) => {
@@ -517,12 +549,11 @@ where
         }
         match Pin::new(&mut self.ws).poll_flush(cx) {
             Poll::Pending => {
-                self.write.blocked_since.get_or_insert(now);
+                self.write.blocked(self.ws.get_ref(), now);
                 false
             }
             Poll::Ready(Ok(())) => {
-                self.write.dirty = false;
-                self.write.blocked_since = None;
+                self.write.flushed();
                 if matches!(self.phase, Phase::Failing { .. }) {
                     // The best-effort Close is out: we are done.
                     self.phase = Phase::Done;

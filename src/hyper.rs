@@ -283,7 +283,7 @@ impl IntoFuture for Upgrading {
                 Some(config.websocket_config()),
             )
             .await;
-            supervisor.register(ws, peer_addr, slot, info)
+            supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
         })
     }
 }

@@ -40,6 +40,9 @@ pub struct ReadLayer<S> {
     pos: usize,
     /// Bytes per read system call (at most [`CHUNK`]).
     chunk: usize,
+    /// Bytes the socket has accepted from us, since the start: the
+    /// driver's measure of write progress.
+    written: u64,
 }
 
 impl<S> ReadLayer<S> {
@@ -61,7 +64,14 @@ impl<S> ReadLayer<S> {
             spill: prefix,
             pos: 0,
             chunk: chunk.clamp(1, CHUNK),
+            written: 0,
         }
+    }
+
+    /// Bytes the socket has accepted from us so far (always `Some`: the
+    /// driver's write-progress probe for streams it built, see `Progress`).
+    pub(crate) fn bytes_written(&self) -> Option<u64> {
+        Some(self.written)
     }
 
     /// The wrapped stream.
@@ -151,7 +161,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        self.written += n as u64;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -159,7 +171,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        self.written += n as u64;
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
