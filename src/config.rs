@@ -102,7 +102,8 @@ impl Config {
     pub const fn close_timeout(&self) -> Duration {
         self.close_timeout
     }
-    /// How long a write may stay blocked before the connection is declared stalled.
+    /// How long the write side may stay blocked without progress before the
+    /// connection is declared stalled.
     pub const fn write_timeout(&self) -> Duration {
         self.write_timeout
     }
@@ -308,9 +309,15 @@ impl ConfigBuilder {
         self
     }
 
-    /// How long a write to the socket may stay blocked (the peer does not
-    /// read) before the connection dies with
-    /// [`CloseReason::Timeout`](crate::CloseReason::Timeout).
+    /// How long the write side may stay blocked **without progress** (the
+    /// socket accepts none of our bytes: the peer does not read) before the
+    /// connection dies with
+    /// [`CloseReason::Timeout`](crate::CloseReason::Timeout). A peer that
+    /// reads slowly but steadily restarts the clock with every byte the
+    /// socket takes. (For a stream given to
+    /// [`supervise`](crate::Supervisor::supervise), whose writes the
+    /// supervisor cannot see, it counts from the last time everything was
+    /// flushed.)
     ///
     /// # Default
     /// 10 s.
