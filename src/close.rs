@@ -174,6 +174,9 @@ pub(crate) enum Cause<'a> {
     AppDropped,
     /// The application panicked while holding the connection.
     AppPanicked,
+    /// The application took no message for `ping_interval + pong_timeout`
+    /// while its unread data filled `inbound_buffer_limit`.
+    AppStalled,
     /// [`Supervisor::shutdown`](crate::Supervisor::shutdown).
     Shutdown,
     /// The runtime dropped the connection's task without a shutdown (an
@@ -202,7 +205,7 @@ pub(crate) fn classify(cause: &Cause<'_>) -> (CloseReason, Initiator) {
         Cause::PeerClose(code) => (R::from_close_code(*code), Remote),
         Cause::AppClose(code) => (R::from_close_code(*code), Local),
         Cause::AppDropped => (R::Normal, Local),
-        Cause::AppPanicked => (R::Internal, Local),
+        Cause::AppPanicked | Cause::AppStalled => (R::Internal, Local),
         Cause::Shutdown | Cause::RuntimeStopped => (R::GoingAway, Local),
         Cause::PongTimeout | Cause::WriteStalled | Cause::CloseHandshakeTimeout => {
             (R::Timeout, Local)
@@ -299,6 +302,7 @@ mod tests {
             (Cause::PeerClose(code(1001)), R::GoingAway, Remote),
             (Cause::PeerClose(code(1012)), R::GoingAway, Remote),
             (Cause::PeerClose(code(1013)), R::GoingAway, Remote),
+            (Cause::AppStalled, R::Internal, Local),
             (Cause::Shutdown, R::GoingAway, Local),
             (Cause::RuntimeStopped, R::GoingAway, Local),
             (Cause::PongTimeout, R::Timeout, Local),

@@ -61,6 +61,7 @@ pub struct Config {
     read_buffer_size: usize,
     write_buffer_limit: usize,
     inbound_queue: usize,
+    inbound_buffer_limit: usize,
     outbound_queue: usize,
 }
 
@@ -141,9 +142,20 @@ impl Config {
     pub const fn inbound_queue(&self) -> usize {
         self.inbound_queue
     }
+    /// Bytes of messages read but not yet taken by the application, per
+    /// connection, beyond which the supervisor stops reading.
+    pub const fn inbound_buffer_limit(&self) -> usize {
+        self.inbound_buffer_limit
+    }
     /// Messages sent by the application but not yet written, per connection.
     pub const fn outbound_queue(&self) -> usize {
         self.outbound_queue
+    }
+
+    /// How long reading may stay paused for `inbound_buffer_limit` before
+    /// the application is blamed: one whole heartbeat.
+    pub(crate) fn read_stall_limit(&self) -> Duration {
+        self.ping_interval + self.pong_timeout
     }
 
     /// The tungstenite settings these knobs translate to: the message and
@@ -211,6 +223,7 @@ pub struct ConfigBuilder {
     read_buffer_size: usize,
     write_buffer_limit: usize,
     inbound_queue: usize,
+    inbound_buffer_limit: usize,
     outbound_queue: usize,
 }
 
@@ -239,6 +252,7 @@ impl ConfigBuilder {
             read_buffer_size: 4 << 10,
             write_buffer_limit: 4 << 20,
             inbound_queue: 32,
+            inbound_buffer_limit: 4 << 20,
             outbound_queue: 64,
         }
     }
@@ -426,9 +440,10 @@ impl ConfigBuilder {
         self
     }
 
-    /// Messages received but not yet taken by the application. While it is
-    /// full the supervisor stops reading that socket and suspends the pong
-    /// deadline (see `docs/keepalive.md`).
+    /// Messages the application's queue holds. When it is full the
+    /// supervisor keeps reading (so pongs are still seen) into a backlog,
+    /// within [`inbound_buffer_limit`](Self::inbound_buffer_limit) bytes in
+    /// all (see `docs/keepalive.md`).
     ///
     /// Must be at least 1.
     ///
@@ -436,6 +451,24 @@ impl ConfigBuilder {
     /// 32.
     pub const fn inbound_queue(mut self, messages: usize) -> Self {
         self.inbound_queue = messages;
+        self
+    }
+
+    /// Bytes of messages read but not yet taken by the application (its
+    /// queue and the backlog behind it). Within it the supervisor keeps
+    /// reading even while the application does not, so a silent peer is
+    /// still found by its pong deadline. Beyond it, reading pauses (TCP
+    /// pushes back on the peer) and the pong deadline is suspended, for at
+    /// most `ping_interval + pong_timeout`: an application that takes
+    /// nothing for that long ends the connection as
+    /// [`Internal`](crate::CloseReason::Internal), local, "application not
+    /// reading". Must be at least `max_message_size`.
+    ///
+    /// # Default
+    /// 4 MiB: the memory bound of a connection whose application does not
+    /// read, as `write_buffer_limit` is for one whose peer does not.
+    pub const fn inbound_buffer_limit(mut self, bytes: usize) -> Self {
+        self.inbound_buffer_limit = bytes;
         self
     }
 
@@ -485,10 +518,18 @@ impl ConfigBuilder {
             ("max_frame_size", self.max_frame_size),
             ("read_buffer_size", self.read_buffer_size),
             ("write_buffer_limit", self.write_buffer_limit),
+            ("inbound_buffer_limit", self.inbound_buffer_limit),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroSize(name));
             }
+        }
+        // One message at the limit must be deliverable.
+        if self.inbound_buffer_limit < self.max_message_size {
+            return Err(ConfigError::InboundBufferBelowMessage {
+                limit: self.inbound_buffer_limit,
+                message: self.max_message_size,
+            });
         }
         for (name, value) in [
             ("inbound_queue", Some(self.inbound_queue)),
@@ -548,6 +589,7 @@ impl ConfigBuilder {
             read_buffer_size: self.read_buffer_size,
             write_buffer_limit: self.write_buffer_limit,
             inbound_queue: self.inbound_queue,
+            inbound_buffer_limit: self.inbound_buffer_limit,
             outbound_queue: self.outbound_queue,
         })
     }
@@ -597,6 +639,13 @@ pub enum ConfigError {
     ZeroCount(&'static str),
     /// An allowed origin is not `scheme://host[:port]` (nor `null`).
     InvalidOrigin(String),
+    /// The inbound buffer limit cannot hold one message at the size limit.
+    InboundBufferBelowMessage {
+        /// `inbound_buffer_limit`.
+        limit: usize,
+        /// `max_message_size`.
+        message: usize,
+    },
     /// The ping jitter exceeds the ping interval.
     JitterAboveInterval {
         /// The jitter asked for.
@@ -634,6 +683,10 @@ impl fmt::Display for ConfigError {
             Self::DurationTooLong(name) => write!(f, "{name} must not exceed one week"),
             Self::ZeroSize(name) => write!(f, "{name} must be greater than zero"),
             Self::ZeroCount(name) => write!(f, "{name} must be at least 1"),
+            Self::InboundBufferBelowMessage { limit, message } => write!(
+                f,
+                "inbound_buffer_limit ({limit}) must be at least max_message_size ({message})"
+            ),
             Self::InvalidOrigin(origin) => write!(
                 f,
                 "allowed origin {origin:?} is not scheme://host[:port] (e.g. https://example.com)"

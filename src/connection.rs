@@ -1,14 +1,18 @@
 //! What the application holds for one supervised connection. See [`Connection`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release};
-use std::task::{Context, Poll};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures::Stream;
+use futures::task::AtomicWaker;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,6 +50,15 @@ pub(crate) struct Shared {
     pub(crate) app_panicked: AtomicBool,
     /// The [`Connection`] was dropped (set before its receiver goes).
     pub(crate) app_gone: AtomicBool,
+    /// Bytes of data messages read but not yet taken by the application
+    /// (its queue and the driver's backlog): the inbound byte budget.
+    unread: AtomicUsize,
+    /// The driver stopped reading for the budget: wake it when the
+    /// application takes a message.
+    reader: AtomicWaker,
+    /// Messages read after the application's queue filled, handed over when
+    /// the driver ends (oldest first), so that none is lost.
+    leftover: Mutex<VecDeque<Inbound>>,
 }
 
 impl Shared {
@@ -62,7 +75,48 @@ impl Shared {
             notify: Notify::new(),
             app_panicked: AtomicBool::new(false),
             app_gone: AtomicBool::new(false),
+            unread: AtomicUsize::new(0),
+            reader: AtomicWaker::new(),
+            leftover: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The driver read `bytes` of data for the application.
+    pub(crate) fn read(&self, bytes: usize) {
+        self.unread.fetch_add(bytes, Relaxed);
+    }
+
+    /// Bytes read and not yet taken by the application.
+    pub(crate) fn unread(&self) -> usize {
+        self.unread.load(Acquire)
+    }
+
+    /// The driver is about to stop reading for the budget: the next message
+    /// the application takes wakes it. (Register, then check `unread`
+    /// again, or a take in between is missed.)
+    pub(crate) fn wake_reader_on_take(&self, waker: &std::task::Waker) {
+        self.reader.register(waker);
+    }
+
+    /// The application took a message of `bytes`.
+    fn took(&self, bytes: usize) {
+        self.unread.fetch_sub(bytes, Release);
+        self.reader.wake();
+    }
+
+    /// Hands the driver's backlog to the application, at the end.
+    pub(crate) fn hand_over(&self, backlog: VecDeque<Inbound>) {
+        if !backlog.is_empty() {
+            *self.leftover.lock().unwrap_or_else(|e| e.into_inner()) = backlog;
+        }
+    }
+
+    /// The next message of the handed-over backlog.
+    fn next_leftover(&self) -> Option<Inbound> {
+        self.leftover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
     }
 
     /// Publishes the heartbeat counters (called on pings and pongs only).
@@ -244,10 +298,16 @@ impl fmt::Debug for Sender {
 /// task panics closes it with 1011 (reason
 /// [`Internal`](crate::CloseReason::Internal), local).
 ///
-/// If the application stops taking messages, the inbound queue fills, the
-/// supervisor stops reading the socket (TCP pushes back on the peer), and
-/// the pong deadline is suspended: our own backpressure is never reported as
-/// the peer's timeout. See `docs/keepalive.md`.
+/// If the application stops taking messages, its queue fills and the
+/// supervisor keeps reading into a backlog, within
+/// [`inbound_buffer_limit`](crate::ConfigBuilder::inbound_buffer_limit)
+/// bytes, so a silent peer is still found. Beyond that budget it stops
+/// reading (TCP pushes back on the peer) and suspends the pong deadline —
+/// our own backpressure is never reported as the peer's timeout — for at
+/// most `ping_interval + pong_timeout`, after which the connection ends as
+/// [`Internal`](crate::CloseReason::Internal), local, "application not
+/// reading". Messages read before the end are never lost: `recv` yields
+/// them all before `None`. See `docs/keepalive.md`.
 pub struct Connection {
     rx: mpsc::Receiver<Inbound>,
     sender: Sender,
@@ -332,7 +392,20 @@ impl Connection {
     /// # Cancel safety
     /// Cancel safe: no message is lost if the future is dropped.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await.map(|m| *m)
+        std::future::poll_fn(|cx| self.poll_take(cx)).await
+    }
+
+    /// The next message: from the queue, then, once the driver has ended,
+    /// from the backlog it handed over.
+    fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let message = match ready!(self.rx.poll_recv(cx)) {
+            Some(message) => Some(message),
+            None => self.shared.next_leftover(),
+        };
+        Poll::Ready(message.map(|m| {
+            self.shared.took(m.len());
+            *m
+        }))
     }
 
     /// Queues a message; see [`Sender::send`].
@@ -396,7 +469,7 @@ impl Stream for Connection {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx).map(|m| m.map(|m| *m))
+        self.poll_take(cx)
     }
 }
 

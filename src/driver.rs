@@ -1,6 +1,7 @@
 //! The per-connection task: wires the heartbeat, the verdict and the hooks
 //! to one socket. See [`Driver`].
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -79,13 +80,21 @@ enum Phase {
     Done,
 }
 
-/// Delivery to the application: its bounded queue, and the one message
-/// that did not fit.
+/// Delivery to the application: its bounded queue, the backlog read while
+/// the queue was full, and the byte budget that bounds both.
 struct ToApp {
     tx: mpsc::Sender<Inbound>,
-    /// A message the full queue could not take yet, with the sender that
-    /// waits for room. While it is set we do not read.
-    stash: Option<(Inbound, PollSender<Inbound>)>,
+    /// Messages read while the queue was full, oldest first. Reading goes
+    /// on (pongs are still seen) while the unread bytes stay within `limit`.
+    backlog: VecDeque<Inbound>,
+    /// Waits for room in the queue while the backlog is not empty.
+    room: Option<PollSender<Inbound>>,
+    /// `inbound_buffer_limit`: unread bytes (queue and backlog) at which
+    /// reading pauses.
+    limit: usize,
+    /// Since when reading has been paused for the budget; the application
+    /// has `ping_interval + pong_timeout` from then to take a message.
+    paused_since: Option<Instant>,
     /// The last read found frames waiting (it did not return a plain
     /// `Pending`): a pong the peer already sent may still be unread.
     frames_waiting: bool,
@@ -164,6 +173,7 @@ where
             config.liveness(),
             state.random(id, Purpose::NonceKey),
         );
+        let inbound_limit = config.inbound_buffer_limit();
         let guard = CloseGuard::new(state.clone(), shared.clone(), id, peer_addr, slot);
         Self {
             ws,
@@ -173,7 +183,10 @@ where
             phase: Phase::Open,
             to_app: ToApp {
                 tx: to_app,
-                stash: None,
+                backlog: VecDeque::new(),
+                room: None,
+                limit: inbound_limit,
+                paused_since: None,
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
             },
@@ -229,7 +242,7 @@ where
             let mut progress = false;
             progress |= self.poll_shutdown(cx, shutdown.as_mut(), now);
             progress |= self.poll_app_gone(cx, app_gone.as_mut(), now);
-            progress |= self.poll_stash(cx, now);
+            progress |= self.poll_backlog(cx);
             progress |= self.poll_read(cx, now);
             progress |= self.poll_commands(cx, now);
             progress |= self.poll_flush(cx, now);
@@ -258,9 +271,13 @@ where
     fn next_deadline(&self) -> Instant {
         match self.phase {
             Phase::Open => {
+                let config = self.state.config();
                 let mut at = self.hb.next_wakeup();
                 if let Some(since) = self.write.blocked_since {
-                    at = at.min(since + self.state.config().write_timeout());
+                    at = at.min(since + config.write_timeout());
+                }
+                if let Some(since) = self.to_app.paused_since {
+                    at = at.min(since + config.read_stall_limit());
                 }
                 at
             }
@@ -341,33 +358,64 @@ where
 
     // ===== inbound =====
 
-    /// Waits for room for the stashed message; returns whether it moved.
-    fn poll_stash(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        let Some((_, sender)) = &mut self.to_app.stash else {
-            return false;
-        };
-        match sender.poll_reserve(cx) {
-            Poll::Pending => false,
-            Poll::Ready(result) => {
-                let (message, mut sender) = self.to_app.stash.take().expect("checked above");
-                if result.is_ok() {
-                    // Cannot fail after a successful reserve, and if the
-                    // application just dropped its receiver, `app_gone` sees it.
-                    let _ = sender.send_item(message);
+    /// Moves backlog messages into the queue as it frees room; returns
+    /// whether any moved.
+    fn poll_backlog(&mut self, cx: &mut Context<'_>) -> bool {
+        let to_app = &mut self.to_app;
+        let mut progress = false;
+        while !to_app.backlog.is_empty() {
+            let room = to_app
+                .room
+                .get_or_insert_with(|| PollSender::new(to_app.tx.clone()));
+            match room.poll_reserve(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(())) => {
+                    let message = to_app.backlog.pop_front().expect("not empty");
+                    // Cannot fail after a successful reserve.
+                    let _ = room.send_item(message);
+                    progress = true;
                 }
-                self.hb.resume(now);
-                true
+                // The application is gone: `app_gone` sees it.
+                Poll::Ready(Err(_)) => {
+                    to_app.backlog.clear();
+                    break;
+                }
             }
         }
+        if to_app.backlog.is_empty() {
+            // Holds a sender and a slot: only while there is a backlog.
+            to_app.room = None;
+        }
+        progress
+    }
+
+    /// Whether reading pauses for the inbound byte budget (only while open:
+    /// once closing we must read the peer's Close reply, and data is
+    /// dropped from then on anyway). The pong deadline is suspended while
+    /// paused: the peer's pong may be sitting unread behind the data.
+    fn paused_for_budget(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let over = |to_app: &ToApp, shared: &Shared| shared.unread() >= to_app.limit;
+        if self.phase == Phase::Open && over(&self.to_app, &self.shared) {
+            // Register, then look again: a take in between wakes us.
+            self.shared.wake_reader_on_take(cx.waker());
+            if over(&self.to_app, &self.shared) {
+                if self.to_app.paused_since.is_none() {
+                    self.to_app.paused_since = Some(now);
+                    self.hb.suspend();
+                }
+                return true;
+            }
+        }
+        if self.to_app.paused_since.take().is_some() {
+            self.hb.resume(now);
+        }
+        false
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        // A stash pauses reading only while open: once closing we must read
-        // the peer's Close reply, and data is dropped from then on anyway.
-        let paused = self.to_app.stash.is_some() && self.phase == Phase::Open;
         let reading = matches!(self.phase, Phase::Open | Phase::Closing { .. });
         self.to_app.frames_waiting = false;
-        if !reading || paused {
+        if !reading || self.paused_for_budget(cx, now) {
             return false;
         }
         match Pin::new(&mut self.ws).poll_next(cx) {
@@ -443,15 +491,23 @@ where
         }
     }
 
-    /// Hands a data message to the application, or stashes it and stops
-    /// reading when the inbound queue is full.
+    /// Hands a data message to the application's queue, or to the backlog
+    /// behind it when the queue is full (counted against the byte budget
+    /// either way).
     fn deliver(&mut self, message: Message) {
-        match self.to_app.tx.try_send(Box::new(message)) {
-            Ok(()) => {}
+        let to_app = &mut self.to_app;
+        let len = message.len();
+        let message = Box::new(message);
+        if !to_app.backlog.is_empty() && self.phase == Phase::Open {
+            self.shared.read(len);
+            to_app.backlog.push_back(message);
+            return;
+        }
+        match to_app.tx.try_send(message) {
+            Ok(()) => self.shared.read(len),
             Err(TrySendError::Full(message)) if self.phase == Phase::Open => {
-                self.hb.suspend();
-                let sender = PollSender::new(self.to_app.tx.clone());
-                self.to_app.stash = Some((message, sender));
+                self.shared.read(len);
+                to_app.backlog.push_back(message);
             }
             // Closing, or the application is gone: nobody will read it.
             Err(_) => {}
@@ -670,6 +726,17 @@ where
     /// The open connection's deadlines: the pong deadline, the write
     /// timeout, and the next ping.
     fn on_heartbeat(&mut self, now: Instant) -> bool {
+        if self
+            .to_app
+            .paused_since
+            .is_some_and(|since| now >= since + self.state.config().read_stall_limit())
+        {
+            // The application has taken nothing for a whole heartbeat while
+            // its unread data filled the budget: its fault, not the peer's.
+            let until = now + self.state.config().close_timeout();
+            self.close_with(Cause::AppStalled, until);
+            return true;
+        }
         let expired = self.hb.is_expired(now);
         // Frames are still waiting to be read, and the pong may be among
         // them: read on before blaming the peer (bounded, see
@@ -739,6 +806,10 @@ where
 /// waited for), and the verdict says so; the guard then runs the hooks.
 impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
     fn drop(&mut self) {
+        // Messages read but not yet queued are the application's: it gets
+        // them after the queued ones.
+        self.shared
+            .hand_over(std::mem::take(&mut self.to_app.backlog));
         if self.phase == Phase::Done || self.guard.is_done() || std::thread::panicking() {
             return;
         }

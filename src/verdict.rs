@@ -51,6 +51,7 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
     let (code, text) = match cause {
         Cause::AppDropped => (CloseCode::Normal, ""),
         Cause::AppPanicked => (CloseCode::Error, "application panicked"),
+        Cause::AppStalled => (CloseCode::Error, "application not reading"),
         Cause::Shutdown => (CloseCode::Away, "server shutting down"),
         Cause::RuntimeStopped => (CloseCode::Away, "runtime stopped"),
         Cause::PongTimeout => (CloseCode::Error, "ping timeout"),
