@@ -564,15 +564,61 @@ async fn normal__application_close_while_inbound_queue_full() {
 
 /// Close codes a peer must never send are answered with 1002.
 #[tokio::test(start_paused = true)]
+/// Pins a bug (issue "No dead peer outlives its bound", item 7): for a
+/// code not allowed on the wire, tungstenite substitutes its own 1002
+/// "Protocol violation", and the event reported that as what the peer
+/// sent, as if the peer accused us.
 async fn protocol_error__peer_close_codes_reserved_or_invalid() {
-    for code in [999u16, 1004, 1005, 2000] {
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000] {
         let (sup, _events) = supervisor(Config::default());
         let (conn, mut peer) = accept_raw(&sup).await;
-        peer.close(code, "").await;
+        peer.close(code, "nonsense").await;
         let reply = peer.read_until(OP_CLOSE).await.unwrap();
         assert_eq!(reply.close_code(), Some(1002), "code {code}");
-        assert_reason(&conn.closed().await, R::ProtocolError, Remote);
+        let event = conn.closed().await;
+        assert_reason(&event, R::ProtocolError, Remote);
+        assert_eq!(
+            event.code_received.map(u16::from),
+            Some(code),
+            "what the peer sent"
+        );
+        assert_eq!(event.text, "nonsense");
+        assert_eq!(event.code_sent, Some(CloseCode::Protocol));
     }
+}
+
+/// The 1014 row (bad gateway, registered by IANA; unknown to tungstenite
+/// 0.30, which answers it with 1002): `Internal`/remote, with the code and
+/// text the peer sent.
+#[tokio::test(start_paused = true)]
+async fn internal__peer_close_1014() {
+    let (sup, events) = supervisor(Config::default());
+    let (conn, mut peer) = accept_raw(&sup).await;
+    peer.close(1014, "upstream down").await;
+    let reply = peer.read_until(OP_CLOSE).await.unwrap();
+    assert_eq!(reply.close_code(), Some(1002), "tungstenite's answer");
+    let event = conn.closed().await;
+    assert_reason(&event, R::Internal, Remote);
+    assert_eq!(event.code_received.map(u16::from), Some(1014));
+    assert_eq!(event.text, "upstream down");
+    assert_eq!(event.code_sent, Some(CloseCode::Protocol));
+    assert_eq!(events.len(), 1);
+}
+
+/// 1014 can be sent, too.
+#[tokio::test(start_paused = true)]
+async fn internal__application_close_1014() {
+    let (sup, _events) = supervisor(Config::default());
+    let (conn, mut peer) = accept_raw(&sup).await;
+    conn.close(CloseCode::from(1014), "upstream down")
+        .await
+        .unwrap();
+    let frame = peer.read_until(OP_CLOSE).await.unwrap();
+    assert_eq!(frame.close_code(), Some(1014));
+    peer.send(OP_CLOSE, &frame.payload).await;
+    let event = conn.closed().await;
+    assert_reason(&event, R::Internal, Local);
+    assert_eq!(event.code_sent.map(u16::from), Some(1014));
 }
 
 /// A client's Close answered by the server is final even if the server
