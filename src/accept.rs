@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderMap, Method, StatusCode, Uri, V
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use crate::connection::{ConnInfo, Connection, Role};
+use crate::driver::Probe;
 use crate::error::{Error, HandshakeFailure};
 use crate::handshake::{self, Refusal};
 use crate::supervisor::Supervisor;
@@ -241,7 +242,7 @@ where
             path: Some(request.uri().path().into()),
             protocol,
         };
-        supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
+        supervisor.register(ws, peer_addr, slot, info, Probe::read_layer())
     }
 }
 

@@ -168,6 +168,8 @@ pub struct CloseEvent {
 pub(crate) enum Cause<'a> {
     /// The peer sent a Close frame (`None`: an empty one).
     PeerClose(Option<CloseCode>),
+    /// The peer sent a Close frame with a code not allowed on the wire.
+    PeerCloseInvalid,
     /// The application asked to close with this code (`None`: empty Close).
     AppClose(Option<CloseCode>),
     /// The application dropped its [`Connection`](crate::Connection) normally.
@@ -203,6 +205,7 @@ pub(crate) fn classify(cause: &Cause<'_>) -> (CloseReason, Initiator) {
     use Initiator::{Local, Remote};
     match cause {
         Cause::PeerClose(code) => (R::from_close_code(*code), Remote),
+        Cause::PeerCloseInvalid => (R::ProtocolError, Remote),
         Cause::AppClose(code) => (R::from_close_code(*code), Local),
         Cause::AppDropped => (R::Normal, Local),
         Cause::AppPanicked | Cause::AppStalled => (R::Internal, Local),
@@ -303,6 +306,7 @@ mod tests {
             (Cause::PeerClose(code(1012)), R::GoingAway, Remote),
             (Cause::PeerClose(code(1013)), R::GoingAway, Remote),
             (Cause::AppStalled, R::Internal, Local),
+            (Cause::PeerCloseInvalid, R::ProtocolError, Remote),
             (Cause::Shutdown, R::GoingAway, Local),
             (Cause::RuntimeStopped, R::GoingAway, Local),
             (Cause::PongTimeout, R::Timeout, Local),

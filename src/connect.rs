@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::handshake::client::Request;
 
 use crate::config::Config;
 use crate::connection::{ConnInfo, Connection, Role};
+use crate::driver::Probe;
 use crate::error::{Error, HandshakeFailure};
 use crate::state::Slot;
 use crate::supervisor::Supervisor;
@@ -260,7 +261,7 @@ where
         Err(_) => Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
         Ok(Err(e)) => Err(inner.fail_handshake(failure(&e), Some(e.into()))),
         Ok(Ok((ws, peer_addr, info))) => {
-            supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
+            supervisor.register(ws, peer_addr, slot, info, Probe::read_layer())
         }
     }
 }
@@ -276,7 +277,7 @@ async fn upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let stream = ReadLayer::with_chunk(io, config.read_buffer_size());
+    let stream = ReadLayer::for_client(io, config.read_buffer_size());
     let path = request.uri().path().into();
     let (ws, response) = tokio_tungstenite::client_async_with_config(
         request,

@@ -248,7 +248,7 @@ impl Sender {
     pub async fn close(&self, code: CloseCode, reason: &str) -> Result<(), Error> {
         let frame = match code {
             CloseCode::Status if reason.is_empty() => None,
-            code if code.is_allowed() => Some(CloseFrame {
+            code if crate::verdict::valid_on_the_wire(u16::from(code)) => Some(CloseFrame {
                 code,
                 reason: truncate_text(reason).into(),
             }),

@@ -28,6 +28,7 @@ use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
+use crate::transport::{RawClose, ReadLayer};
 use crate::verdict::{close_frame, fallback_cause};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
@@ -40,10 +41,36 @@ const BUDGET: usize = 32;
 /// default write-buffer limit.
 const BATCH: usize = 16;
 
-/// Reads how many bytes the socket has accepted from us, for streams whose
-/// writes the supervisor can see ([`ReadLayer`](crate::ReadLayer));
-/// `None` for a stream built elsewhere.
-pub(crate) type Progress<S> = fn(&S) -> Option<u64>;
+/// What the driver can see of its stream beneath the protocol layer: on
+/// streams the supervisor built (a [`ReadLayer`]), the bytes the socket
+/// accepted and the raw payload of the peer's Close; on a stream given to
+/// `supervise`, nothing.
+pub(crate) struct Probe<S> {
+    /// Bytes the socket has accepted from us, if known.
+    pub(crate) written: fn(&S) -> Option<u64>,
+    /// The peer's last Close frame as it was on the wire, if known.
+    pub(crate) last_close: fn(&S) -> Option<RawClose>,
+}
+
+impl<S> Probe<S> {
+    /// A stream built elsewhere: nothing to see.
+    pub(crate) fn none() -> Self {
+        Self {
+            written: |_| None,
+            last_close: |_| None,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> Probe<ReadLayer<T>> {
+    /// A stream the supervisor built.
+    pub(crate) fn read_layer() -> Self {
+        Self {
+            written: ReadLayer::bytes_written,
+            last_close: ReadLayer::last_close,
+        }
+    }
+}
 
 /// One connection's task: owns the socket and wires the heartbeat, the
 /// verdict and the hooks together. Policy lives in those types; [`poll`]
@@ -63,6 +90,8 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     to_app: ToApp,
     from_app: FromApp,
     write: WriteSide<S>,
+    /// The peer's raw Close, where the stream shows it.
+    last_close: fn(&S) -> Option<RawClose>,
     guard: CloseGuard,
 }
 
@@ -120,7 +149,7 @@ struct WriteSide<S> {
     /// it is not blocked): the write timeout counts from here.
     blocked_since: Option<Instant>,
     /// The socket's accepted-bytes count, where it can be seen.
-    progress: Progress<S>,
+    progress: fn(&S) -> Option<u64>,
     /// Its last reading.
     written: Option<u64>,
 }
@@ -158,7 +187,7 @@ where
         to_app: mpsc::Sender<Inbound>,
         from_app: mpsc::Receiver<Outbound>,
         slot: Slot,
-        progress: Progress<S>,
+        probe: Probe<S>,
     ) -> Self {
         let config = state.config();
         // Uniform in [0, 1), from the per-supervisor random seed.
@@ -195,10 +224,11 @@ where
                 registered: false,
                 refused: false,
             },
+            last_close: probe.last_close,
             write: WriteSide {
                 dirty: false,
                 blocked_since: None,
-                progress,
+                progress: probe.written,
                 written: None,
             },
             guard,
@@ -477,7 +507,8 @@ where
             }
             Message::Close(frame) => {
                 self.hb.on_frame(now);
-                self.guard.verdict.peer_closed(frame.as_ref());
+                let raw = (self.last_close)(self.ws.get_ref());
+                self.guard.verdict.peer_closed(frame.as_ref(), raw);
                 // tungstenite queued the Close reply; flush it, then read on
                 // until the peer ends the transport (or we time out).
                 self.write.dirty = true;

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::http::{Request, Response, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use crate::connection::{ConnInfo, Connection, Role};
+use crate::driver::Probe;
 use crate::error::{Error, HandshakeFailure};
 use crate::handshake::{self, Checked, Refusal};
 use crate::state::{PeerGuard, Slot};
@@ -283,7 +284,7 @@ impl IntoFuture for Upgrading {
                 Some(config.websocket_config()),
             )
             .await;
-            supervisor.register(ws, peer_addr, slot, info, ReadLayer::bytes_written)
+            supervisor.register(ws, peer_addr, slot, info, Probe::read_layer())
         })
     }
 }

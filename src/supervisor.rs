@@ -13,7 +13,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::connection::{ConnInfo, Connection, Sender, Shared};
-use crate::driver::{Driver, Progress};
+use crate::driver::{Driver, Probe};
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::{CloseHook, Hooks};
 use crate::state::{Slot, SupervisorState};
@@ -182,8 +182,8 @@ impl Supervisor {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match self.reserve() {
-            // A stream built elsewhere: no view of its write progress.
-            Ok(slot) => self.register(ws, peer_addr, slot, ConnInfo::default(), |_| None),
+            // A stream built elsewhere: nothing to see beneath tungstenite.
+            Ok(slot) => self.register(ws, peer_addr, slot, ConnInfo::default(), Probe::none()),
             Err(cause) => {
                 let frame = refusal_frame(cause);
                 let close_timeout = self.config().close_timeout();
@@ -205,7 +205,7 @@ impl Supervisor {
         peer_addr: Option<SocketAddr>,
         slot: Slot,
         info: ConnInfo,
-        progress: Progress<S>,
+        probe: Probe<S>,
     ) -> Result<Connection, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -238,7 +238,7 @@ impl Supervisor {
                 in_tx,
                 out_rx,
                 slot,
-                progress,
+                probe,
             );
             tracker.spawn(span.instrument(driver.run()));
         });

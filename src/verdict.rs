@@ -6,6 +6,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::close::{Cause, CloseReason, Initiator, classify, code_for_error};
 use crate::error::{Error, HandshakeFailure};
+use crate::transport::RawClose;
 
 /// The close verdict of one connection, after python-websockets'
 /// `fail()` with its `close_sent`/`close_rcvd`: which cause ended it (the
@@ -65,6 +66,7 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
             (code, text)
         }
         Cause::PeerClose(_)
+        | Cause::PeerCloseInvalid
         | Cause::AppClose(_)
         | Cause::WriteStalled
         | Cause::CloseHandshakeTimeout
@@ -74,6 +76,13 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
         code,
         reason: text.into(),
     })
+}
+
+/// Whether a peer may send `code` in a Close frame: RFC 6455 §7.4 and the
+/// IANA registry (1000–1003, 1007–1014, 3000–4999). Anything else (1004,
+/// 1005, 1006, 1015, 1016–2999, below 1000, 5000 and up) is a protocol error.
+pub(crate) fn valid_on_the_wire(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// The Close frame that refuses an already upgraded stream given to
@@ -140,12 +149,23 @@ impl Verdict {
         }
     }
 
-    /// The peer's Close frame arrived. If we had sent none, the protocol
-    /// layer answers it: with the same code, or 1002 for a code not allowed
-    /// on the wire.
-    pub(crate) fn peer_closed(&mut self, frame: Option<&CloseFrame>) {
-        let code = frame.map(|f| f.code);
-        let text = frame.map_or_else(String::new, |f| f.reason.to_string());
+    /// The peer's Close frame arrived: `frame` as tungstenite reports it,
+    /// `raw` as it was on the wire where the stream shows it (tungstenite
+    /// reports a code it does not allow as its own 1002 "Protocol
+    /// violation"). The event keeps what the peer sent. If we had sent no
+    /// Close, tungstenite answers: with the same code, or 1002 for a code it
+    /// does not allow.
+    pub(crate) fn peer_closed(&mut self, frame: Option<&CloseFrame>, raw: Option<RawClose>) {
+        let (code, text) = match raw {
+            Some(raw) => (
+                raw.code.map(CloseCode::from),
+                String::from_utf8_lossy(&raw.text).into_owned(),
+            ),
+            None => (
+                frame.map(|f| f.code),
+                frame.map_or_else(String::new, |f| f.reason.to_string()),
+            ),
+        };
         self.code_received = code;
         if !self.close_sent {
             self.close_sent = true;
@@ -157,7 +177,11 @@ impl Verdict {
                 }
             });
         }
-        self.record(Cause::PeerClose(code), text, None);
+        let cause = match code {
+            Some(c) if !valid_on_the_wire(u16::from(c)) => Cause::PeerCloseInvalid,
+            _ => Cause::PeerClose(code),
+        };
+        self.record(cause, text, None);
     }
 
     /// Our Close frame (with `code`, `None` for an empty one) was queued.
@@ -228,7 +252,7 @@ mod tests {
         let mut v = Verdict::default();
         v.record(Cause::PongTimeout, "ping timeout".into(), None);
         v.record(Cause::TransportEnded, String::new(), None);
-        v.peer_closed(Some(&frame(1000, "late")));
+        v.peer_closed(Some(&frame(1000, "late")), None);
         assert_eq!(reason(&mut v), (R::Timeout, Local, "ping timeout".into()));
     }
 
@@ -285,20 +309,20 @@ mod tests {
     #[test]
     fn a_peer_close_is_answered_with_its_code_or_1002() {
         let mut v = Verdict::default();
-        v.peer_closed(Some(&frame(1001, "tab closed")));
+        v.peer_closed(Some(&frame(1001, "tab closed")), None);
         assert_eq!(v.code_received(), Some(CloseCode::Away));
         assert_eq!(v.code_sent(), Some(CloseCode::Away));
         assert_eq!(reason(&mut v), (R::GoingAway, Remote, "tab closed".into()));
 
         let mut v = Verdict::default();
-        v.peer_closed(Some(&frame(1005, "")));
+        v.peer_closed(Some(&frame(1005, "")), None);
         assert_eq!(v.code_sent(), Some(CloseCode::Protocol));
 
         // Our own Close went out first: the peer's answers it.
         let mut v = Verdict::default();
         v.record(Cause::Shutdown, "server shutting down".into(), None);
         v.sent(Some(CloseCode::Away));
-        v.peer_closed(Some(&frame(1000, "")));
+        v.peer_closed(Some(&frame(1000, "")), None);
         assert_eq!(v.code_sent(), Some(CloseCode::Away));
         assert_eq!(v.code_received(), Some(CloseCode::Normal));
         assert_eq!(reason(&mut v).0, R::GoingAway);
@@ -307,9 +331,51 @@ mod tests {
         let mut v = Verdict::default();
         v.record(Cause::AppClose(None), String::new(), None);
         v.sent(None);
-        v.peer_closed(Some(&frame(1000, "")));
+        v.peer_closed(Some(&frame(1000, "")), None);
         assert_eq!(v.code_sent(), None);
         assert_eq!(v.code_received(), Some(CloseCode::Normal));
+    }
+
+    // tungstenite reports a code it does not allow as 1002 "Protocol
+    // violation"; the raw payload says what the peer sent.
+    #[test]
+    fn the_event_keeps_the_raw_close_the_peer_sent() {
+        let substituted = frame(1002, "Protocol violation");
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            let mut v = Verdict::default();
+            let raw = RawClose {
+                code: Some(bad),
+                text: b"nonsense".to_vec(),
+            };
+            v.peer_closed(Some(&substituted), Some(raw));
+            assert_eq!(v.code_received().map(u16::from), Some(bad));
+            assert_eq!(
+                v.code_sent(),
+                Some(CloseCode::Protocol),
+                "tungstenite answers 1002"
+            );
+            let o = v.take_outcome(Cause::AppPanicked);
+            assert_eq!(
+                (o.reason, o.initiator, o.text.as_str()),
+                (R::ProtocolError, Remote, "nonsense")
+            );
+        }
+        // 1014 (bad gateway) is registered: the table's row, Internal/remote.
+        let mut v = Verdict::default();
+        let raw = RawClose {
+            code: Some(1014),
+            text: b"upstream down".to_vec(),
+        };
+        v.peer_closed(Some(&substituted), Some(raw));
+        assert_eq!(v.code_received().map(u16::from), Some(1014));
+        let o = v.take_outcome(Cause::AppPanicked);
+        assert_eq!(
+            (o.reason, o.initiator, o.text.as_str()),
+            (R::Internal, Remote, "upstream down")
+        );
+        for good in [1000u16, 1003, 1007, 1013, 3000, 4999] {
+            assert!(valid_on_the_wire(good), "{good}");
+        }
     }
 
     #[test]
