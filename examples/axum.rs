@@ -33,8 +33,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use ws_supervisor::Supervisor;
 use ws_supervisor::axum::WebSocketUpgrade;
-use ws_supervisor::{Config, Supervisor};
 
 mod common;
 
@@ -78,27 +78,15 @@ async fn healthz(State(supervisor): State<Supervisor>) -> Response {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let flags =
-        match ServeFlags::new("127.0.0.1:9002")
-            .parse(std::env::args().skip(1), USAGE, |_, _| Ok(false))
-        {
-            Ok(flags) => flags,
-            Err(message) => {
-                eprintln!("{message}");
-                return ExitCode::from(2);
-            }
-        };
-    let config = match Config::builder()
-        .ping_interval(flags.ping_interval)
-        .pong_timeout(flags.pong_timeout)
-        .close_timeout(Duration::from_secs(2))
-        .build()
-    {
+    let flags = match common::args_or_exit(|args| {
+        ServeFlags::new("127.0.0.1:9002").parse(args, USAGE, |_, _| Ok(false))
+    }) {
+        Ok(flags) => flags,
+        Err(code) => return code,
+    };
+    let config = match flags.config() {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("invalid settings: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // The recorder goes in before the supervisor registers its metrics.
     let metrics = match ws_supervisor::prometheus::install_recorder() {

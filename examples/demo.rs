@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use ws_supervisor::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use ws_supervisor::{CloseCode, Config, Supervisor};
+use ws_supervisor::{CloseCode, Supervisor};
 
 mod common;
 
@@ -73,24 +73,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match common::args_or_exit(parse_args) {
         Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let config = match Config::builder()
-        .ping_interval(args.serve.ping_interval)
-        .pong_timeout(args.serve.pong_timeout)
-        .close_timeout(Duration::from_secs(2))
-        .build()
-    {
+    let config = match args.serve.config() {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("invalid settings: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // The recorder goes in before the supervisor registers its metrics.
     if let Err(e) = ws_supervisor::prometheus::install(args.metrics_listen) {

@@ -31,7 +31,7 @@ use ws_supervisor::rustls::ServerConfig;
 use ws_supervisor::rustls::crypto::ring;
 use ws_supervisor::rustls::pki_types::pem::PemObject;
 use ws_supervisor::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use ws_supervisor::{Config, Supervisor};
+use ws_supervisor::Supervisor;
 
 mod common;
 
@@ -97,24 +97,13 @@ fn acceptor(args: &Args) -> Result<TlsAcceptor, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match common::args_or_exit(parse_args) {
         Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let config = match Config::builder()
-        .ping_interval(args.serve.ping_interval)
-        .pong_timeout(args.serve.pong_timeout)
-        .close_timeout(Duration::from_secs(2))
-        .build()
-    {
+    let config = match args.serve.config() {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("invalid settings: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let acceptor = match acceptor(&args) {
         Ok(acceptor) => acceptor,

@@ -120,10 +120,7 @@ impl<'a, S, C> Accept<'a, S, C> {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        self.protocols = protocols
-            .into_iter()
-            .map(|p| p.into().into_boxed_str())
-            .collect();
+        self.protocols = handshake::protocol_list(protocols);
         self
     }
 

@@ -15,6 +15,18 @@ use tokio_tungstenite::tungstenite::http::{Method, Response, StatusCode, Version
 use crate::config::Config;
 use crate::error::HandshakeFailure;
 
+/// A server's subprotocols, most preferred first, as stored by every way in.
+pub(crate) fn protocol_list<I, T>(protocols: I) -> Vec<Box<str>>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<String>,
+{
+    protocols
+        .into_iter()
+        .map(|p| p.into().into_boxed_str())
+        .collect()
+}
+
 /// A request that passed [`check`]: what the 101 response needs.
 #[derive(Debug)]
 pub(crate) struct Checked {

@@ -122,10 +122,7 @@ impl HttpUpgrade {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        self.protocols = protocols
-            .into_iter()
-            .map(|p| p.into().into_boxed_str())
-            .collect();
+        self.protocols = handshake::protocol_list(protocols);
         self
     }
 

@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ws_supervisor::{CloseCode, CloseEvent};
+use std::process::ExitCode;
+
+use ws_supervisor::{CloseCode, CloseEvent, Config};
 
 /// The flags every serving example takes.
 #[derive(Debug, Clone)]
@@ -54,6 +56,35 @@ impl ServeFlags {
         }
         Ok(self)
     }
+}
+
+impl ServeFlags {
+    /// The supervisor's config for these flags (the examples close with a
+    /// 2 s close timeout), or why not, printed, as exit status 2.
+    pub fn config(&self) -> Result<Config, ExitCode> {
+        Config::builder()
+            .ping_interval(self.ping_interval)
+            .pong_timeout(self.pong_timeout)
+            .close_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| {
+                eprintln!("invalid settings: {e}");
+                ExitCode::from(2)
+            })
+    }
+}
+
+/// Parses the command line with `parse`, or prints why not (usage errors
+/// exit with status 2).
+pub fn args_or_exit<A>(
+    parse: impl FnOnce(std::env::Args) -> Result<A, String>,
+) -> Result<A, ExitCode> {
+    let mut args = std::env::args();
+    args.next();
+    parse(args).map_err(|message| {
+        eprintln!("{message}");
+        ExitCode::from(2)
+    })
 }
 
 /// Parses a number of milliseconds.
