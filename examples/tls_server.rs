@@ -27,11 +27,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use ws_supervisor::Supervisor;
 use ws_supervisor::rustls::ServerConfig;
 use ws_supervisor::rustls::crypto::ring;
 use ws_supervisor::rustls::pki_types::pem::PemObject;
 use ws_supervisor::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use ws_supervisor::Supervisor;
 
 mod common;
 
