@@ -25,7 +25,8 @@ use crate::verdict::refusal_frame;
 ///
 /// A cheap handle: clones share the same connections, hooks and counters.
 /// Each connection is driven by its own task (tracked by a
-/// [`TaskTracker`], stopped through a [`CancellationToken`]), so pings go out
+/// [`TaskTracker`](tokio_util::task::TaskTracker), stopped through a
+/// [`CancellationToken`](tokio_util::sync::CancellationToken)), so pings go out
 /// and deadlines fire even while the application is busy elsewhere.
 ///
 /// # Examples
