@@ -100,6 +100,75 @@ pub async fn accept_raw_with(
     (conn.expect("accept"), peer)
 }
 
+// ===== Net =====
+
+/// Any transport a test hands to the supervisor (an in-memory pipe or a
+/// loopback socket), so one scenario runs over either.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// Where a scenario's connections run: in-memory pipes (any runtime, and the
+/// only choice under paused time, whose clock would run ahead while we wait
+/// on the kernel) or real TCP on `127.0.0.1:0` (real time only).
+pub enum Net {
+    /// `tokio::io::duplex` pipes of [`PIPE`] bytes.
+    Memory,
+    /// Loopback TCP through this listener.
+    Loopback(tokio::net::TcpListener),
+}
+
+impl Net {
+    /// Loopback TCP on an ephemeral port.
+    pub async fn loopback() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        Self::Loopback(listener)
+    }
+
+    /// A connected pair: (the supervisor's end, the peer's end).
+    pub async fn pipe(&self) -> (BoxIo, BoxIo) {
+        match self {
+            Self::Memory => {
+                let (server, client) = tokio::io::duplex(PIPE);
+                (Box::new(server), Box::new(client))
+            }
+            Self::Loopback(listener) => {
+                let addr = listener.local_addr().unwrap();
+                let (client, accepted) =
+                    tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+                let (client, server) = (client.expect("connect"), accepted.expect("accept").0);
+                // Small frames go out at once, as on the in-memory pipe.
+                client.set_nodelay(true).unwrap();
+                server.set_nodelay(true).unwrap();
+                (Box::new(server), Box::new(client))
+            }
+        }
+    }
+
+    /// A supervised server connection whose peer is a [`RawPeer`].
+    pub async fn accept_raw(&self, sup: &Supervisor) -> (Connection, RawPeer<BoxIo>) {
+        let (server, client) = self.pipe().await;
+        let (conn, peer) =
+            tokio::join!(sup.accept(server).into_future(), RawPeer::handshake(client));
+        (conn.expect("accept"), peer)
+    }
+
+    /// A supervised server connection whose peer is a real tungstenite client.
+    pub async fn accept_ws(&self, sup: &Supervisor) -> (Connection, WebSocketStream<BoxIo>) {
+        let (server, client) = self.pipe().await;
+        let (conn, peer) = tokio::join!(
+            sup.accept(server).into_future(),
+            tokio_tungstenite::client_async("ws://localhost/", client)
+        );
+        (conn.expect("accept"), peer.expect("client handshake").0)
+    }
+}
+
 // ===== RawPeer =====
 
 pub const OP_CONT: u8 = 0x0;
