@@ -1,8 +1,6 @@
 //! The supervisor's shutdown, in one place. See [`Shutdown`].
 
-use std::sync::atomic::{
-    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
-};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
 
 use tokio::time::Instant;
@@ -25,6 +23,8 @@ pub(crate) struct Shutdown {
     gate: Mutex<()>,
     /// Set under `gate` before `token` fires: a lock-free "has begun" for
     /// admission, and the hint that lets drivers skip polling `token`.
+    /// SeqCst, stored and loaded: the shutdown-remaining gauge relies on it
+    /// (see `SupervisorState::write_remaining`).
     begun: AtomicBool,
     /// The end of the grace period (the first call's, if called twice).
     deadline: OnceLock<Instant>,
@@ -41,7 +41,7 @@ impl Shutdown {
     pub(crate) fn begin(&self, deadline: Instant) {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self.deadline.set(deadline);
-        self.begun.store(true, Release);
+        self.begun.store(true, SeqCst);
     }
 
     /// Wakes every driver to close its connection.
@@ -59,7 +59,7 @@ impl Shutdown {
 
     /// Whether [`begin`](Self::begin) was called.
     pub(crate) fn has_begun(&self) -> bool {
-        self.begun.load(Acquire)
+        self.begun.load(SeqCst)
     }
 
     /// Whether the driver tasks were told to stop (a task that ends with no

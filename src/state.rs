@@ -6,7 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
@@ -34,6 +34,10 @@ pub(crate) struct SupervisorState {
     /// Connections whose driver runs: changed at registration and where the
     /// hooks run, and nowhere else.
     live: AtomicUsize,
+    /// Held to read `live` and write the shutdown-remaining gauge as one
+    /// step (see [`write_remaining`](Self::write_remaining)); taken only
+    /// once the shutdown has begun.
+    remaining: Mutex<()>,
     /// Slots held for `max_connections`, including handshakes under way.
     slots: AtomicUsize,
     accepted: AtomicU64,
@@ -69,6 +73,7 @@ impl SupervisorState {
             shutdown: Shutdown::default(),
             next_id: AtomicU64::new(1),
             live: AtomicUsize::new(0),
+            remaining: Mutex::new(()),
             slots: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             closed: Default::default(),
@@ -181,8 +186,8 @@ impl SupervisorState {
 
     /// A connection ended: runs the hooks, then counts it. The live count,
     /// the connections gauge and the shutdown-remaining gauge change here
-    /// (and at [`admit`](Self::admit)) and nowhere else, next to the hooks:
-    /// they return exactly to zero.
+    /// (and at [`admit`](Self::admit) and in `shutdown`) and nowhere else,
+    /// next to the hooks: they return exactly to zero.
     pub(crate) fn connection_closed(&self, event: &CloseEvent) {
         let metrics = &self.metrics;
         // Hooks are synchronous: real time, not tokio's (possibly paused) clock.
@@ -197,13 +202,41 @@ impl SupervisorState {
         self.closed[event.reason.index()].fetch_add(1, Relaxed);
         metrics.closed(event.reason, event.initiator);
         metrics.lifetime.record(secs(event.duration));
-        let remaining = self.live.fetch_sub(1, Relaxed) - 1;
+        // SeqCst, with `has_begun` next: see `write_remaining`.
+        self.live.fetch_sub(1, SeqCst);
         metrics.connections.decrement(1.0);
         if self.shutdown.has_begun() {
-            // Set, not decremented: exact even for a connection that ended
-            // while `shutdown` was taking its first reading.
-            metrics.shutdown_remaining.set(remaining as f64);
+            self.write_remaining();
         }
+    }
+
+    /// Sets the shutdown-remaining gauge to the live count, read under
+    /// `remaining`. Called by `shutdown` once it has begun (and again when
+    /// the drain is over), and by every connection that ends after that.
+    ///
+    /// Why this is exact on a multi-thread runtime:
+    ///
+    /// - Reading the count and writing the gauge are one step under the
+    ///   lock, so writes land in the order of their readings. (A count taken
+    ///   at the decrement and written later lets two drivers finishing on two
+    ///   threads write 0 and then 1.) The driver that takes the count to 0
+    ///   writes after its decrement, so no write after its own reads more.
+    /// - A connection that ends just as the shutdown begins: either it sees
+    ///   `has_begun` and writes, or the shutdown's first write, made after
+    ///   `begin`, reads a count without it. This needs SeqCst on all four
+    ///   steps (the decrement and `has_begun` in `connection_closed`, the
+    ///   store in `Shutdown::begin` and the load here); with weaker orderings
+    ///   both sides may miss the other.
+    /// - No connection is admitted once the shutdown has begun, so the
+    ///   last write of a drain is 0, whether or not anyone still awaits
+    ///   `shutdown`.
+    ///
+    /// The lock is taken once per connection ending during a drain, never
+    /// in normal operation.
+    pub(crate) fn write_remaining(&self) {
+        let _one_writer = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.live.load(SeqCst);
+        self.metrics.shutdown_remaining.set(live as f64);
     }
 
     // ===== counts =====

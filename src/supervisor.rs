@@ -323,8 +323,9 @@ impl Supervisor {
     /// waits for the same drain.
     ///
     /// # Cancel safety
-    /// Cancel safe in that the shutdown goes on in the driver tasks; the
-    /// summary of a dropped call is lost.
+    /// Cancel safe in that the shutdown goes on in the driver tasks, and the
+    /// `ws_supervisor_shutdown_remaining_connections` gauge still falls to 0
+    /// with the last connection; the summary of a dropped call is lost.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownSummary {
         let started = Instant::now();
         let before = self.counts();
@@ -332,14 +333,16 @@ impl Supervisor {
         let forced_before = shutdown.forced();
         let panics_before = self.hook_panics();
         shutdown.begin(started + grace);
-        // From here each finishing driver sets this gauge to what is left.
-        let metrics = self.state.metrics();
-        metrics.shutdown_remaining.set(self.len() as f64);
+        // From here each finishing driver sets the shutdown-remaining gauge
+        // to what is left, the last one to 0, whether or not this future is
+        // still polled (see `SupervisorState::write_remaining`).
+        self.state.write_remaining();
         shutdown.stop_drivers();
         let tracker = self.state.tracker();
         tracker.close();
         tracker.wait().await;
-        metrics.shutdown_remaining.set(0.0);
+        // Every driver has finished: this writes 0.
+        self.state.write_remaining();
         let after = self.counts();
         let mut by_reason = [0; CloseReason::ALL.len()];
         for (i, n) in by_reason.iter_mut().enumerate() {
