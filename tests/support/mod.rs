@@ -12,6 +12,7 @@ use tokio::io::{
 use tokio_tungstenite::WebSocketStream;
 use ws_supervisor::{CloseEvent, Config, ConfigBuilder, Connection, Supervisor};
 
+pub mod recorder;
 pub mod ways;
 
 pub const MS: Duration = Duration::from_millis(1);
@@ -100,13 +101,37 @@ pub async fn accept_raw_with(
     (conn.expect("accept"), peer)
 }
 
+// ===== runtimes =====
+
+/// A multi-thread runtime with 2 workers and real time (paused time exists
+/// only on the current-thread runtime).
+pub fn multi_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until `sup` has no live connection: bounded to 3000 steps of
+/// 10 ms (30 s of real time; instant under paused time), then fails.
+pub async fn wait_empty(sup: &Supervisor) {
+    for _ in 0..3000 {
+        if sup.is_empty() {
+            return;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    panic!("{} connections still live", sup.len());
+}
+
 // ===== Net =====
 
 /// Any transport a test hands to the supervisor (an in-memory pipe or a
 /// loopback socket), so one scenario runs over either.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static {}
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static> Io for T {}
 
 /// A boxed [`Io`].
 pub type BoxIo = Box<dyn Io>;
