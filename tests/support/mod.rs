@@ -31,11 +31,12 @@ pub fn heartbeat(interval: Duration, timeout: Duration) -> ConfigBuilder {
 
 /// Every close event a supervisor reported, in order.
 #[derive(Clone, Default)]
-pub struct Events(Arc<Mutex<Vec<CloseEvent>>>);
+pub struct Events(Arc<Mutex<Vec<CloseEvent>>>, Arc<tokio::sync::Notify>);
 
 impl Events {
     pub fn push(&self, event: CloseEvent) {
         self.0.lock().unwrap().push(event);
+        self.1.notify_waiters();
     }
 
     pub fn all(&self) -> Vec<CloseEvent> {
@@ -44,6 +45,25 @@ impl Events {
 
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` events were recorded, for at most `bound`;
+    /// returns whether they were. Woken by each event, not by polling, so a
+    /// long bound under paused time costs one jump of the clock.
+    pub async fn wait_within(&self, n: usize, bound: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.1.notified();
+                tokio::pin!(notified);
+                // Register before checking, so a push in between is not missed.
+                notified.as_mut().enable();
+                if self.len() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(bound, wait).await.is_ok()
     }
 
     /// Waits until at least `n` events were recorded: bounded to 10 000
@@ -71,7 +91,7 @@ pub fn supervisor(config: Config) -> (Supervisor, Events) {
     let events = Events::default();
     let sink = events.clone();
     let sup = Supervisor::builder(config)
-        .on_close(move |e: &CloseEvent| sink.0.lock().unwrap().push(e.clone()))
+        .on_close(move |e: &CloseEvent| sink.push(e.clone()))
         .build();
     (sup, events)
 }
