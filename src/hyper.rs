@@ -203,6 +203,9 @@ impl HttpUpgrade {
         let tracker = self.supervisor.state().tracker().clone();
         match self.respond() {
             Ok((response, upgrading)) => {
+                // Boxed now, so the task keeps a pointer for the
+                // connection's whole life instead of the 144 B `Upgrading`.
+                let upgrading = upgrading.into_future();
                 tracker.spawn(async move {
                     if let Ok(conn) = upgrading.await {
                         callback(conn).await;
