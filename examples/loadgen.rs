@@ -238,6 +238,14 @@ impl Server {
     }
 }
 
+/// The server goes with the generator, also when a scenario panics (a
+/// refused upgrade, a failed connect): no server is left running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 // ===== a minimal WebSocket client =====
 
 const OP_TEXT: u8 = 0x1;
