@@ -27,7 +27,15 @@
 //!   loopback TCP pays.
 //!
 //! The clients are minimal hand-written WebSocket clients (this file), so
-//! the generator costs little and measures only the server.
+//! the generator costs little and measures only the server. Against the
+//! `tls` kind they speak TLS (tokio-rustls, ring; built with the `rustls`
+//! feature): the server writes its self-signed certificate to a temporary
+//! file (`--cert-out`) and the clients trust exactly that certificate.
+//!
+//! Other flags: `--path /ws` (the request path, default `/`),
+//! `--server-args "ARGS"` (extra flags for `bench_server`, e.g.
+//! `--tls-tickets 0`; echoed in the JSON), `--tag T` (echoed in the JSON,
+//! so a script can tell its runs apart).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,9 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -54,6 +61,9 @@ struct Args {
     timeout_ms: u64,
     server_cpu: Option<String>,
     sources: u8,
+    path: String,
+    server_args: String,
+    tag: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +78,9 @@ fn parse_args() -> Result<Args, String> {
         timeout_ms: 1000,
         server_cpu: None,
         sources: 4,
+        path: "/".into(),
+        server_args: String::new(),
+        tag: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,11 +97,19 @@ fn parse_args() -> Result<Args, String> {
             "--timeout-ms" => a.timeout_ms = num(&v)?,
             "--server-cpu" => a.server_cpu = Some(v),
             "--sources" => a.sources = num(&v)?.clamp(1, 200) as u8,
+            "--path" => a.path = v,
+            "--server-args" => a.server_args = v,
+            "--tag" => a.tag = v,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if a.server.is_empty() {
         return Err("--server PATH is required".into());
+    }
+    if a.kind == "tls" && cfg!(not(feature = "rustls")) {
+        return Err(
+            "kind tls needs the `rustls` feature (build with --features axum,rustls)".into(),
+        );
     }
     Ok(a)
 }
@@ -114,7 +135,19 @@ async fn main() {
         }
     };
     server.stop();
-    println!("{result}");
+    // The common fields, first: which server, with what, under which tag.
+    let result = result.strip_prefix('{').expect("a JSON object");
+    println!(
+        r#"{{"tag":{},"server_args":{},"path":{},{result}"#,
+        json_str(&args.tag),
+        json_str(&args.server_args),
+        json_str(&args.path),
+    );
+}
+
+/// `s` as a JSON string (the values here are plain ASCII flags).
+fn json_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 // ===== the server process =====
@@ -122,6 +155,8 @@ async fn main() {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// The TLS client side, for the `tls` kind.
+    tls: Option<tls::Client>,
 }
 
 impl Server {
@@ -138,7 +173,12 @@ impl Server {
             .args(["--kind", &args.kind])
             .args(["--ping-interval-ms", &args.interval_ms.to_string()])
             .args(["--pong-timeout-ms", &args.timeout_ms.to_string()])
+            .args(args.server_args.split_whitespace())
             .stdout(Stdio::piped());
+        let cert = std::env::temp_dir().join(format!("bench-cert-{}.der", std::process::id()));
+        if args.kind == "tls" {
+            command.arg("--cert-out").arg(&cert);
+        }
         let mut child = command.spawn().expect("start bench_server");
         let stdout = child.stdout.take().expect("piped");
         let line = tokio::task::spawn_blocking(move || {
@@ -153,9 +193,14 @@ impl Server {
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected server output: {line:?}"));
+        let tls = (args.kind == "tls").then(|| {
+            let der = std::fs::read(&cert).expect("the server's certificate");
+            let _ = std::fs::remove_file(&cert);
+            tls::Client::trusting(der)
+        });
         // Let the runtime settle before the zero-connection reading.
         sleep(Duration::from_millis(500)).await;
-        Server { child, addr }
+        Server { child, addr, tls }
     }
 
     fn pid(&self) -> u32 {
@@ -193,6 +238,14 @@ impl Server {
     }
 }
 
+/// The server goes with the generator, also when a scenario panics (a
+/// refused upgrade, a failed connect): no server is left running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 // ===== a minimal WebSocket client =====
 
 const OP_TEXT: u8 = 0x1;
@@ -200,28 +253,39 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 struct Client {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<Reader>,
+    writer: Writer,
 }
 
 impl Client {
-    async fn connect(server: SocketAddr, source: IpAddr) -> io::Result<Self> {
+    async fn connect(server: &Server, source: IpAddr, path: &str) -> io::Result<Self> {
         let socket = TcpSocket::new_v4()?;
         socket.bind(SocketAddr::new(source, 0))?;
-        let tcp = socket.connect(server).await?;
+        let tcp = socket.connect(server.addr).await?;
         tcp.set_nodelay(true)?;
-        let (reader, mut writer) = tcp.into_split();
+        let (reader, mut writer): (Reader, Writer) = match &server.tls {
+            Some(tls) => tls.connect(tcp).await?,
+            None => {
+                let (reader, writer) = tcp.into_split();
+                (Box::new(reader), Box::new(writer))
+            }
+        };
         let mut reader = BufReader::with_capacity(1024, reader);
+        let host = server.addr;
         writer
             .write_all(
                 format!(
-                    "GET / HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 )
                 .as_bytes(),
             )
             .await?;
+        writer.flush().await?;
         let mut status = String::new();
         reader.read_line(&mut status).await?;
         if !status.starts_with("HTTP/1.1 101") {
@@ -267,7 +331,68 @@ impl Client {
         // A zero mask: valid, and the payload goes out as is.
         frame.extend_from_slice(&[0, 0, 0, 0]);
         frame.extend_from_slice(payload);
-        self.writer.write_all(&frame).await
+        self.writer.write_all(&frame).await?;
+        // A no-op on TCP; over TLS, sends the records out.
+        self.writer.flush().await
+    }
+}
+
+/// The clients' TLS side (kind `tls`).
+#[cfg(feature = "rustls")]
+mod tls {
+    use super::{Reader, Writer};
+    use std::io;
+    use std::sync::Arc;
+    use tokio::net::TcpStream;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring};
+
+    /// A TLS client that trusts exactly the server's self-signed certificate.
+    pub(super) struct Client {
+        connector: tokio_rustls::TlsConnector,
+    }
+
+    impl Client {
+        pub(super) fn trusting(der: Vec<u8>) -> Self {
+            let mut roots = RootCertStore::empty();
+            roots.add(CertificateDer::from(der)).expect("a certificate");
+            let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Self {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            }
+        }
+
+        pub(super) async fn connect(&self, tcp: TcpStream) -> io::Result<(Reader, Writer)> {
+            let name = ServerName::try_from("localhost").expect("a DNS name");
+            let stream = self.connector.connect(name, tcp).await?;
+            let (reader, writer) = tokio::io::split(stream);
+            Ok((Box::new(reader), Box::new(writer)))
+        }
+    }
+}
+
+/// Without the `rustls` feature there is no TLS client (`parse_args`
+/// refuses the `tls` kind).
+#[cfg(not(feature = "rustls"))]
+mod tls {
+    use super::{Reader, Writer};
+    use std::io;
+    use tokio::net::TcpStream;
+
+    pub(super) enum Client {}
+
+    impl Client {
+        pub(super) fn trusting(_der: Vec<u8>) -> Self {
+            unreachable!("parse_args refuses the tls kind without the rustls feature")
+        }
+
+        pub(super) async fn connect(&self, _tcp: TcpStream) -> io::Result<(Reader, Writer)> {
+            match *self {}
+        }
     }
 }
 
@@ -291,7 +416,7 @@ async fn open_each(args: &Args, server: &Server, n: usize, mut each: impl FnMut(
     let mut i = 0;
     while i < n {
         let batch: Vec<_> = (i..(i + parallel).min(n))
-            .map(|j| Client::connect(server.addr, source(j, args.sources)))
+            .map(|j| Client::connect(server, source(j, args.sources), &args.path))
             .collect();
         for (j, result) in futures::future::join_all(batch)
             .await
