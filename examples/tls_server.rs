@@ -161,7 +161,11 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, supervisor: Supervi
             // the TLS handshake before it gets the same bound here, or a
             // client that connects and says nothing holds this task forever.
             let timeout = supervisor.config().handshake_timeout();
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            // Boxed: awaited inline, tokio-rustls's handshake future (a whole
+            // TLS stream) would set this task's size for the connection's
+            // life, 0.5 KiB more per connection (docs/benchmarks.md).
+            let handshake = Box::pin(acceptor.accept(tcp));
+            let tls = match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     eprintln!("tls handshake from {peer} failed: {e}");
