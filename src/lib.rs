@@ -58,8 +58,12 @@
 //!
 //! * [`Config`] (`config.rs`): every knob, validated by [`ConfigBuilder::build`].
 //! * [`Supervisor`] (`supervisor.rs`): the handle —
-//!   [`supervise`](Supervisor::supervise), [`connect`](Supervisor::connect),
-//!   [`shutdown`](Supervisor::shutdown), the connection count and admission.
+//!   [`supervise`](Supervisor::supervise), [`shutdown`](Supervisor::shutdown),
+//!   registration of every connection; `state.rs`: what the handle shares
+//!   with the connections (counts, gauges, admission) and `shutdown.rs`: the
+//!   shutdown's state in one type.
+//! * [`Connect`] (`connect.rs`): [`Supervisor::connect`], the client side,
+//!   with `tls.rs` for `wss://` (feature `rustls`).
 //! * [`Accept`] (`accept.rs`): [`Supervisor::accept`], the server handshake
 //!   on any stream, reading the request itself so that it can answer it.
 //! * `handshake.rs`: what every server way in shares — request validation,
@@ -71,12 +75,18 @@
 //!   (`axum.rs`, feature `axum`): the HTTP upgrade integrations.
 //! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
 //!   holds — a stream of messages, a cloneable sender, close, stats.
-//! * `driver.rs`: the per-connection task that owns the socket and wires the
-//!   pieces below together.
+//! * `driver.rs`: the per-connection task that owns the socket and runs the
+//!   steps (read, deliver, write, flush, timers) over the pieces below;
+//!   `signal.rs`: its one-shot wake-ups (shutdown, the application gone).
 //! * `heartbeat.rs`: the ping schedule, pong matching and RTT estimate, with
 //!   no I/O.
-//! * [`CloseReason`] and [`CloseEvent`] (`close.rs`): the reason table.
-//! * [`CloseHook`] (`hook.rs`): exactly-once hooks with panic containment.
+//! * [`CloseReason`] and [`CloseEvent`] (`close.rs`): the reason table;
+//!   `verdict.rs`: the close decision (which cause wins, the codes sent and
+//!   received, the frame each cause sends), with no I/O.
+//! * [`CloseHook`] (`hook.rs`): hooks with panic containment; `guard.rs`:
+//!   the guard that runs them exactly once per connection.
+//! * [`ConnectionId`] and [`Stats`] (`stats.rs`): plain data.
+//! * `trace.rs`: the `tracing` shim (nothing without the feature).
 //! * [`Error`] (`error.rs`): handshake and send errors.
 //!
 //! * [`metrics`] (`metrics.rs`): metric names, descriptions and the handles
