@@ -22,13 +22,12 @@
 //! The application never reads, reads, or reads slowly; it may drop its
 //! `Connection` while another of its tasks is sending, and it sends
 //! messages up to past the write-buffer limit. The peer also sends bursts
-//! of messages and messages past the size limits. A `Connection` that never
-//! reads while its peer goes silent is a known hole (a full inbound queue
-//! suspends the pong deadline without limit): when the steps may have
-//! filled such an application's queue, the case waits only as long as the
-//! deadlines would take with room in the queue, and then the supervisor's
-//! shutdown ends it; exactly-once and the absence of leaks are asserted all
-//! the same. (No case asserts which reason, only that it is in the table.)
+//! of messages and messages past the size limits. Every case but those the
+//! shutdown is meant to end must end by itself within the bound, an
+//! application that never reads included (the inbound byte budget keeps
+//! its dead peers detectable, and a stuck application is closed after
+//! `ping_interval + pong_timeout`). (No case asserts which reason, only that
+//! it is in the table.)
 //!
 //! Failing cases are shrunk and saved to `tests/fuzz.proptest-regressions`,
 //! which is replayed first on every run.
@@ -216,13 +215,6 @@ impl Run {
             .build()
             .unwrap()
     }
-
-    /// The longest a connection takes to end on its own once its peer has
-    /// stopped: interval + timeout, then the close and write timeouts.
-    fn deadlines(&self) -> Duration {
-        let c = self.config();
-        c.ping_interval() + c.pong_timeout() + c.close_timeout() + c.write_timeout()
-    }
 }
 
 /// What the application task is told.
@@ -257,22 +249,6 @@ async fn application(
     }
 }
 
-/// Whether the peer's steps may hold more data messages than an inbound
-/// queue of `capacity`: counts every frame they could contain (a masked
-/// frame takes at least 6 bytes), so `false` is certain.
-fn may_fill_inbound_queue(steps: &[Step], capacity: usize) -> bool {
-    let frames: usize = steps
-        .iter()
-        .map(|step| match step {
-            Step::Bytes(bytes) => bytes.len() / 6 + 1,
-            Step::Frame { .. } | Step::Big { .. } => 1,
-            Step::Burst(n) => *n,
-            _ => 0,
-        })
-        .sum();
-    frames >= capacity
-}
-
 /// Awaits `task`, bounded by `bound`; a task cancelled by `abort` is fine.
 async fn finished<T>(task: JoinHandle<T>, bound: Duration, what: &str) -> Option<T> {
     match timeout(bound, task).await {
@@ -293,10 +269,6 @@ async fn run_case(
     app: App,
     end: Ending,
 ) -> Result<(), TestCaseError> {
-    // The known hole (see the file header) needs an application that never
-    // reads and a full inbound queue.
-    let may_stall =
-        app == App::NeverReads && may_fill_inbound_queue(&steps, sup.config().inbound_queue());
     let (server, client) = run.net.pipe().await;
     let (conn, peer) = tokio::join!(sup.accept(server).into_future(), RawPeer::handshake(client));
     let conn = conn.expect("handshake");
@@ -396,13 +368,9 @@ async fn run_case(
         Ending::Silent | Ending::Shutdown => {}
     }
     // Wait for the connection to end on its own, unless the shutdown is
-    // meant to end it. When the known hole may hold it open, wait only as
-    // long as it would take if the inbound queue were not full.
+    // meant to end it.
     match end {
         Ending::Shutdown => {}
-        _ if may_stall => {
-            events.wait_within(1, run.deadlines()).await;
-        }
         _ => {
             let ended = events.wait_within(1, run.bound).await;
             prop_assert!(ended, "the connection ended within every deadline");
