@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, NoCallback, Request, Response,
 };
 use tokio_tungstenite::tungstenite::http::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, SEC_WEBSOCKET_PROTOCOL,
+    CONTENT_LENGTH, HeaderName, HeaderValue, SEC_WEBSOCKET_PROTOCOL,
 };
 use tokio_tungstenite::tungstenite::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
@@ -214,7 +214,7 @@ where
             Err(refusal) => {
                 // The application's own answer, e.g. 401.
                 let error = inner.fail_handshake(HandshakeFailure::Refused, None);
-                let _ = timeout_at(deadline, write_error(&mut stream, &refusal)).await;
+                let _ = timeout_at(deadline, write_refusal(&mut stream, &refusal)).await;
                 return Err(error);
             }
         };
@@ -261,32 +261,19 @@ where
     // Counted before answering, so a client that has read the answer sees
     // the count.
     let error = sup.state().fail_handshake(refusal.cause, None);
-    let body = format!("{}\n", refusal.body);
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    for (name, value) in refusal.headers() {
-        headers.insert(name, value);
-    }
-    let mut bytes = encode_head(refusal.status, &headers, body.len());
-    bytes.extend_from_slice(body.as_bytes());
-    let _ = timeout_at(deadline, async {
-        write_all(stream, &bytes).await?;
-        stream.shutdown().await
-    })
-    .await;
+    let response: ErrorResponse = refusal.response();
+    let _ = timeout_at(deadline, write_refusal(stream, &response)).await;
     error
 }
 
-/// Writes the application's error response (status, headers, body).
-async fn write_error<S: AsyncWrite + Unpin>(
+/// Writes a refusal (ours, or the application's `ErrorResponse`): status,
+/// headers, body, then ends the stream.
+async fn write_refusal<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    refusal: &ErrorResponse,
+    response: &ErrorResponse,
 ) -> io::Result<()> {
-    let body = refusal.body().as_deref().unwrap_or("");
-    let mut bytes = encode_head(refusal.status(), refusal.headers(), body.len());
+    let body = response.body().as_deref().unwrap_or("");
+    let mut bytes = encode_head(response.status(), response.headers(), body.len());
     bytes.extend_from_slice(body.as_bytes());
     write_all(stream, &bytes).await?;
     stream.shutdown().await
@@ -407,6 +394,7 @@ fn parse_head(head: &[u8]) -> Result<Request, Head> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_tungstenite::tungstenite::http::header::CONTENT_TYPE;
 
     #[test]
     fn a_head_is_parsed_and_the_bytes_behind_it_are_kept() {

@@ -51,8 +51,10 @@ pub(crate) struct Shared {
     /// The [`Connection`] was dropped (set before its receiver goes).
     pub(crate) app_gone: AtomicBool,
     /// Bytes of data messages read but not yet taken by the application
-    /// (its queue and the driver's backlog): the inbound byte budget.
+    /// (its queue and the driver's backlog), against `inbound_limit`.
     unread: AtomicUsize,
+    /// `inbound_buffer_limit`: at this many unread bytes the driver pauses.
+    inbound_limit: usize,
     /// The driver stopped reading for the budget: wake it when the
     /// application takes a message.
     reader: AtomicWaker,
@@ -62,7 +64,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(opened: Instant) -> Self {
+    pub(crate) fn new(opened: Instant, inbound_limit: usize) -> Self {
         Self {
             opened,
             pings_sent: AtomicU64::new(0),
@@ -76,6 +78,7 @@ impl Shared {
             app_panicked: AtomicBool::new(false),
             app_gone: AtomicBool::new(false),
             unread: AtomicUsize::new(0),
+            inbound_limit,
             reader: AtomicWaker::new(),
             leftover: Mutex::new(VecDeque::new()),
         }
@@ -86,9 +89,10 @@ impl Shared {
         self.unread.fetch_add(bytes, Relaxed);
     }
 
-    /// Bytes read and not yet taken by the application.
-    pub(crate) fn unread(&self) -> usize {
-        self.unread.load(Acquire)
+    /// Whether the unread bytes have reached the inbound budget (the driver
+    /// then stops reading).
+    pub(crate) fn over_budget(&self) -> bool {
+        self.unread.load(Acquire) >= self.inbound_limit
     }
 
     /// The driver is about to stop reading for the budget: the next message
@@ -100,8 +104,12 @@ impl Shared {
 
     /// The application took a message of `bytes`.
     fn took(&self, bytes: usize) {
-        self.unread.fetch_sub(bytes, Release);
-        self.reader.wake();
+        let before = self.unread.fetch_sub(bytes, Release);
+        // Only a driver that saw the budget full can be waiting for this;
+        // below it, a take wakes no one (no atomic traffic per message).
+        if before >= self.inbound_limit {
+            self.reader.wake();
+        }
     }
 
     /// Hands the driver's backlog to the application, at the end.

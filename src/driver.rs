@@ -114,13 +114,11 @@ enum Phase {
 struct ToApp {
     tx: mpsc::Sender<Inbound>,
     /// Messages read while the queue was full, oldest first. Reading goes
-    /// on (pongs are still seen) while the unread bytes stay within `limit`.
+    /// on (pongs are still seen) while the unread bytes stay within
+    /// `inbound_buffer_limit`.
     backlog: VecDeque<Inbound>,
     /// Waits for room in the queue while the backlog is not empty.
     room: Option<PollSender<Inbound>>,
-    /// `inbound_buffer_limit`: unread bytes (queue and backlog) at which
-    /// reading pauses.
-    limit: usize,
     /// Since when reading has been paused for the budget; the application
     /// has `ping_interval + pong_timeout` from then to take a message.
     paused_since: Option<Instant>,
@@ -202,7 +200,6 @@ where
             config.liveness(),
             state.random(id, Purpose::NonceKey),
         );
-        let inbound_limit = config.inbound_buffer_limit();
         let guard = CloseGuard::new(state.clone(), shared.clone(), id, peer_addr, slot);
         Self {
             ws,
@@ -214,7 +211,6 @@ where
                 tx: to_app,
                 backlog: VecDeque::new(),
                 room: None,
-                limit: inbound_limit,
                 paused_since: None,
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
@@ -432,11 +428,10 @@ where
     /// dropped from then on anyway). The pong deadline is suspended while
     /// paused: the peer's pong may be sitting unread behind the data.
     fn paused_for_budget(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        let over = |to_app: &ToApp, shared: &Shared| shared.unread() >= to_app.limit;
-        if self.phase == Phase::Open && over(&self.to_app, &self.shared) {
+        if self.phase == Phase::Open && self.shared.over_budget() {
             // Register, then look again: a take in between wakes us.
             self.shared.wake_reader_on_take(cx.waker());
-            if over(&self.to_app, &self.shared) {
+            if self.shared.over_budget() {
                 if self.to_app.paused_since.is_none() {
                     self.to_app.paused_since = Some(now);
                     self.hb.suspend();
@@ -849,7 +844,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
         // them after the queued ones.
         self.shared
             .hand_over(std::mem::take(&mut self.to_app.backlog));
-        if self.phase == Phase::Done || self.guard.is_done() || std::thread::panicking() {
+        if self.phase == Phase::Done || std::thread::panicking() {
             return;
         }
         let cancelled = self.state.shutdown().is_cancelled();

@@ -11,9 +11,9 @@ use crate::trace;
 use crate::verdict::{Verdict, fallback_cause};
 
 /// Runs a connection's close hooks exactly once, after tokio-util's
-/// `TaskTrackerToken`: when the driver finishes, or, if the driver's task
-/// ends without finishing (a panic in our code, the runtime dropping the
-/// task), when the guard is dropped.
+/// `TaskTrackerToken`: when it is dropped, which happens once however the
+/// driver's task ends (the connection's end, a panic in our code, the
+/// runtime dropping the task).
 ///
 /// It holds the connection's [`Verdict`], so the event it builds is the
 /// verdict as far as it went, and the connection's [`Slot`], so the slot is
@@ -30,8 +30,6 @@ pub(crate) struct CloseGuard {
     peer_addr: Option<SocketAddr>,
     /// Held until the hooks have run.
     slot: Option<Slot>,
-    /// The hooks ran.
-    done: bool,
 }
 
 impl CloseGuard {
@@ -49,23 +47,14 @@ impl CloseGuard {
             id,
             peer_addr,
             slot: Some(slot),
-            done: false,
         }
-    }
-
-    /// Whether the hooks ran.
-    pub(crate) fn is_done(&self) -> bool {
-        self.done
     }
 
     /// Builds the close event from the verdict, runs the hooks (through the
     /// supervisor's [`connection_closed`](SupervisorState::connection_closed)),
-    /// releases the slot and publishes the event to the application. Once.
-    pub(crate) fn finish(&mut self) {
-        if self.done {
-            return;
-        }
-        self.done = true;
+    /// releases the slot and publishes the event to the application. Runs
+    /// once, from `Drop`: the driver ends by dropping its guard.
+    fn finish(&mut self) {
         let fallback = fallback_cause(
             self.state.shutdown().is_cancelled(),
             std::thread::panicking(),

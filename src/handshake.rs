@@ -144,7 +144,6 @@ impl Refusal {
     }
 
     /// The refusal as a response with a plain-text body.
-    #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
     pub(crate) fn response<B: From<String>>(&self) -> Response<B> {
         let mut response = Response::new(B::from(format!("{}\n", self.body)));
         *response.status_mut() = self.status;

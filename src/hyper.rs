@@ -10,7 +10,9 @@ use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::http::request::Parts;
-use tokio_tungstenite::tungstenite::http::{Request, Response, StatusCode};
+use tokio_tungstenite::tungstenite::http::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+};
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use crate::connection::{ConnInfo, Connection, Role};
@@ -61,32 +63,43 @@ impl Supervisor {
     /// ```
     pub fn upgrade<B>(&self, request: &mut Request<B>) -> HttpUpgrade {
         let on_upgrade = request.extensions_mut().remove::<OnUpgrade>();
-        let checked = handshake::check(
-            request.method(),
-            request.version(),
+        let (method, version) = (request.method(), request.version());
+        self.upgrade_from(
+            method,
+            version,
             request.headers(),
-            self.config(),
-        );
-        HttpUpgrade {
-            supervisor: self.clone(),
-            checked,
+            request.uri(),
             on_upgrade,
-            path: request.uri().path().into(),
-            peer_addr: None,
-            protocols: Vec::new(),
-        }
+        )
     }
 
     /// [`upgrade`](Self::upgrade) for a request already split into parts
     /// (an axum extractor's view).
     pub(crate) fn upgrade_parts(&self, parts: &mut Parts) -> HttpUpgrade {
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-        let checked = handshake::check(&parts.method, parts.version, &parts.headers, self.config());
+        self.upgrade_from(
+            &parts.method,
+            parts.version,
+            &parts.headers,
+            &parts.uri,
+            on_upgrade,
+        )
+    }
+
+    /// Validates a request head, with hyper's upgrade handle taken from it.
+    fn upgrade_from(
+        &self,
+        method: &Method,
+        version: Version,
+        headers: &HeaderMap,
+        uri: &Uri,
+        on_upgrade: Option<OnUpgrade>,
+    ) -> HttpUpgrade {
         HttpUpgrade {
             supervisor: self.clone(),
-            checked,
+            checked: handshake::check(method, version, headers, self.config()),
             on_upgrade,
-            path: parts.uri.path().into(),
+            path: uri.path().into(),
             peer_addr: None,
             protocols: Vec::new(),
         }

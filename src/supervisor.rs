@@ -214,7 +214,7 @@ impl Supervisor {
         let state = &self.state;
         let config = state.config();
         let id = state.next_id();
-        let shared = Arc::new(Shared::new(Instant::now()));
+        let shared = Arc::new(Shared::new(Instant::now(), config.inbound_buffer_limit()));
         let (in_tx, in_rx) = mpsc::channel(config.inbound_queue());
         let (out_tx, out_rx) = mpsc::channel(config.outbound_queue());
         let sender = Sender::new(out_tx, id, config.write_buffer_limit());

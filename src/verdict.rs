@@ -104,7 +104,30 @@ impl Verdict {
         let overrides = matches!(cause, Cause::CloseHandshakeTimeout);
         // One rule for `close()` and for dropping the `Connection`.
         let provisional = matches!(cause, Cause::AppClose(_) | Cause::AppDropped);
-        let (reason, initiator) = classify(&cause);
+        self.settle(classify(&cause), provisional, overrides, text, error);
+    }
+
+    /// Records a read or write error, which the event keeps.
+    pub(crate) fn record_error(&mut self, e: WsError) {
+        let class = classify(&Cause::Failed(&e));
+        self.settle(
+            class,
+            false,
+            false,
+            String::new(),
+            Some(Error::transport(e)),
+        );
+    }
+
+    /// Keeps the first final cause; `overrides` replaces a provisional one.
+    fn settle(
+        &mut self,
+        (reason, initiator): (CloseReason, Initiator),
+        provisional: bool,
+        overrides: bool,
+        text: String,
+        error: Option<Error>,
+    ) {
         let text = match self.outcome.take() {
             None => text,
             // A stalled application close becomes a timeout, and keeps the
@@ -126,27 +149,6 @@ impl Verdict {
             error,
             provisional,
         });
-    }
-
-    /// Records a read or write error, which the event keeps.
-    pub(crate) fn record_error(&mut self, e: WsError) {
-        let (reason, initiator) = classify(&Cause::Failed(&e));
-        self.record_class(reason, initiator, Error::transport(e));
-    }
-
-    fn record_class(&mut self, reason: CloseReason, initiator: Initiator, error: Error) {
-        match &mut self.outcome {
-            Some(previous) => previous.provisional = false,
-            None => {
-                self.outcome = Some(Outcome {
-                    reason,
-                    initiator,
-                    text: String::new(),
-                    error: Some(error),
-                    provisional: false,
-                });
-            }
-        }
     }
 
     /// The peer's Close frame arrived: `frame` as tungstenite reports it,
