@@ -108,12 +108,9 @@ async fn main() -> ExitCode {
             supervisor: supervisor.clone(),
             metrics,
         });
-    let listener = match tokio::net::TcpListener::bind(flags.listen).await {
+    let listener = match flags.bind().await {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {}: {e}", flags.listen);
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let addr = listener.local_addr().expect("bound");
     println!(

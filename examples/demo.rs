@@ -93,12 +93,9 @@ async fn main() -> ExitCode {
         .on_close(print_event)
         .metric_label("supervisor", "demo")
         .build();
-    let listener = match TcpListener::bind(args.serve.listen).await {
+    let listener = match args.serve.bind().await {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.serve.listen);
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let addr = listener.local_addr().expect("bound");
     println!(

@@ -10,8 +10,6 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use tokio::io::AsyncWriteExt;
-use tokio::time::sleep;
 use tokio_tungstenite::WebSocketStream;
 use ws_supervisor::tungstenite::protocol::Role;
 use ws_supervisor::{CloseReason as R, Connection, Initiator::Local};
@@ -81,22 +79,7 @@ async fn flood(
 ) -> (usize, u64) {
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
-    let flood = tokio::spawn(async move {
-        let mut writer = writer;
-        let ping = encode(true, OP_PING, b"flood", true);
-        let mut sent = 0u64;
-        // 100k pings per virtual second, for at most 10 s.
-        for _ in 0..1000 {
-            for _ in 0..1000 {
-                if writer.write_all(&ping).await.is_err() {
-                    return sent;
-                }
-                sent += 1;
-            }
-            sleep(10 * MS).await;
-        }
-        sent
-    });
+    let flood = tokio::spawn(flood_pings(writer));
     let event = conn.closed().await;
     assert_eq!(
         (event.reason, event.initiator),

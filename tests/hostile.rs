@@ -146,23 +146,9 @@ async fn ping_flood_from_a_peer_that_never_reads_ends_as_a_write_stall() {
         .unwrap();
     let (sup, events) = supervisor(config);
     let (conn, peer) = accept_raw_with(&sup, 16 * 1024).await;
-    let (_reader_kept_unread, mut writer) = (peer.reader, peer.writer);
+    let (_reader_kept_unread, writer) = (peer.reader, peer.writer);
     let started = Instant::now();
-    let flood = tokio::spawn(async move {
-        let ping = encode(true, OP_PING, b"flood", true);
-        let mut sent = 0u64;
-        // 100k pings per virtual second, for at most 10 s.
-        for _ in 0..1000 {
-            for _ in 0..1000 {
-                if writer.write_all(&ping).await.is_err() {
-                    return sent;
-                }
-                sent += 1;
-            }
-            sleep(10 * MS).await;
-        }
-        sent
-    });
+    let flood = tokio::spawn(flood_pings(writer));
     let event = conn.closed().await;
     let took = Instant::now() - started;
     assert_eq!(reason(&event), (R::Timeout, Local));

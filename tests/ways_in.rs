@@ -135,22 +135,8 @@ async fn raw_upgrade(io: DuplexStream, extra: &str) -> (String, RawPeer<DuplexSt
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     writer.write_all(request.as_bytes()).await.unwrap();
-    let head = read_head(&mut reader).await;
+    let head = read_http_head(&mut reader).await;
     (head, RawPeer { reader, writer })
-}
-
-/// Reads an HTTP response head, byte by byte (so no frame byte is taken).
-async fn read_head<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert!(head.len() < 16 * 1024, "no end of head");
-        if reader.read(&mut byte).await.unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 // ===== bad requests, over real loopback sockets =====
@@ -188,7 +174,7 @@ async fn listen(way: Way, sup: &Supervisor) -> SocketAddr {
 async fn exchange(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(request.as_bytes()).await.unwrap();
-    let head = read_head(&mut tcp).await;
+    let head = read_http_head(&mut tcp).await;
     let status: u16 = head
         .split(' ')
         .nth(1)
@@ -305,7 +291,7 @@ async fn bad_upgrade_requests_get_a_status_a_body_and_a_counted_cause_on_every_w
         tcp.write_all(upgrade_request("GET", &[UPGRADE, CONNECTION, VERSION, KEY]).as_bytes())
             .await
             .unwrap();
-        let head = read_head(&mut tcp).await;
+        let head = read_http_head(&mut tcp).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{way:?}: {head}");
         drop(tcp);
         events.wait_for(1).await;
@@ -321,7 +307,7 @@ async fn at_capacity_and_shutting_down_get_503_before_upgrading_on_every_way_in(
         let request = upgrade_request("GET", &[UPGRADE, CONNECTION, VERSION, KEY]);
         let mut first = TcpStream::connect(addr).await.unwrap();
         first.write_all(request.as_bytes()).await.unwrap();
-        assert!(read_head(&mut first).await.starts_with("HTTP/1.1 101"));
+        assert!(read_http_head(&mut first).await.starts_with("HTTP/1.1 101"));
         let (status, _, body) = exchange(addr, &request).await;
         assert_eq!(status, 503, "{way:?}");
         assert!(body.contains("capacity"), "{way:?}: {body}");
@@ -399,7 +385,7 @@ async fn the_origin_allow_list_refuses_other_sites_with_403_on_every_way_in() {
         ] {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             tcp.write_all(allowed.as_bytes()).await.unwrap();
-            let head = read_head(&mut tcp).await;
+            let head = read_http_head(&mut tcp).await;
             assert!(head.starts_with("HTTP/1.1 101"), "{way:?}: {head}");
         }
         assert_eq!(

@@ -74,6 +74,18 @@ impl ServeFlags {
     }
 }
 
+impl ServeFlags {
+    /// Binds `--listen`, or says why not (exit status 1).
+    pub async fn bind(&self) -> Result<tokio::net::TcpListener, ExitCode> {
+        tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| {
+                eprintln!("cannot listen on {}: {e}", self.listen);
+                ExitCode::FAILURE
+            })
+    }
+}
+
 /// Parses the command line with `parse`, or prints why not (usage errors
 /// exit with status 2).
 pub fn args_or_exit<A>(

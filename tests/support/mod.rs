@@ -390,6 +390,24 @@ async fn try_read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> Option<Stri
     String::from_utf8(head).ok()
 }
 
+/// Floods `writer` with pings, 100k per (virtual) second for at most 10 s,
+/// never reading; returns how many were written before the pipe broke.
+pub async fn flood_pings<W: AsyncWrite + Unpin>(mut writer: W) -> u64 {
+    let ping = encode(true, OP_PING, b"flood", true);
+    let mut sent = 0u64;
+    for _ in 0..1000 {
+        for _ in 0..1000 {
+            if writer.write_all(&ping).await.is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    sent
+}
+
+/// Reads an HTTP response head byte by byte, so no frame byte is taken.
 pub async fn read_http_head<R: AsyncRead + Unpin>(reader: &mut R) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
