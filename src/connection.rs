@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
-use std::sync::{Mutex, OnceLock};
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use futures::Stream;
@@ -55,12 +55,29 @@ pub(crate) struct Shared {
     unread: AtomicUsize,
     /// `inbound_buffer_limit`: at this many unread bytes the driver pauses.
     inbound_limit: usize,
-    /// The driver stopped reading for the budget: wake it when the
-    /// application takes a message.
+    /// The driver's task: woken when the application takes a message while
+    /// the budget is full, and by the socket through [`read_waker`].
+    ///
+    /// [`read_waker`]: Shared::read_waker
     reader: AtomicWaker,
+    /// The socket woke the driver for reading since it last looked (see
+    /// [`read_waker`](Shared::read_waker)).
+    read_woken: AtomicBool,
     /// Messages read after the application's queue filled, handed over when
     /// the driver ends (oldest first), so that none is lost.
     leftover: Mutex<VecDeque<Inbound>>,
+}
+
+/// The read waker: see [`Shared::read_waker`].
+impl Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.read_woken.store(true, Release);
+        self.reader.wake();
+    }
 }
 
 impl Shared {
@@ -80,6 +97,7 @@ impl Shared {
             unread: AtomicUsize::new(0),
             inbound_limit,
             reader: AtomicWaker::new(),
+            read_woken: AtomicBool::new(true),
             leftover: Mutex::new(VecDeque::new()),
         }
     }
@@ -95,11 +113,29 @@ impl Shared {
         self.unread.load(Acquire) >= self.inbound_limit
     }
 
-    /// The driver is about to stop reading for the budget: the next message
-    /// the application takes wakes it. (Register, then check `unread`
-    /// again, or a take in between is missed.)
-    pub(crate) fn wake_reader_on_take(&self, waker: &std::task::Waker) {
+    /// The waker the driver reads the socket with: it marks the wake as a
+    /// read wake, then wakes the driver's task (registered with
+    /// [`register_driver`](Self::register_driver)). So a driver woken by a
+    /// timer or by the application knows that its socket has nothing new,
+    /// and does not walk the protocol stack down to the socket to find out.
+    pub(crate) fn read_waker(self: &Arc<Self>) -> Waker {
+        Waker::from(self.clone())
+    }
+
+    /// The driver's task, polled now with `waker`.
+    pub(crate) fn register_driver(&self, waker: &Waker) {
         self.reader.register(waker);
+    }
+
+    /// Whether the socket woke the driver since the last call (clears it).
+    pub(crate) fn take_read_wake(&self) -> bool {
+        self.read_woken.swap(false, Acquire)
+    }
+
+    /// The driver has ended: it holds no task to wake any more (and the
+    /// task's memory is not kept by a `Connection` the application holds).
+    pub(crate) fn unregister_driver(&self) {
+        drop(self.reader.take());
     }
 
     /// The application took a message of `bytes`.

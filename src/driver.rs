@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -127,6 +127,12 @@ struct ToApp {
     frames_waiting: bool,
     /// How long an expired pong deadline waits for those frames.
     overdue: OverdueReads,
+    /// The waker reads go with ([`Shared::read_waker`]).
+    waker: Waker,
+    /// The last read was a `Pending` that registered `waker` with the
+    /// socket, and the socket has not woken it since: reading again now
+    /// would walk the protocol stack only to find nothing.
+    armed: bool,
 }
 
 /// Commands from the application's `Sender`s.
@@ -201,6 +207,7 @@ where
             state.random(id, Purpose::NonceKey),
         );
         let guard = CloseGuard::new(state.clone(), shared.clone(), id, peer_addr, slot);
+        let read_waker = shared.read_waker();
         Self {
             ws,
             state,
@@ -214,6 +221,8 @@ where
                 paused_since: None,
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
+                waker: read_waker,
+                armed: false,
             },
             from_app: FromApp {
                 rx: from_app,
@@ -271,16 +280,25 @@ where
         A: Future<Output = ()>,
         B: Future<Output = ()>,
     {
+        // Whatever woke us, the socket's wakes reach this task through the
+        // read waker: register the task with it, then see whether it was
+        // one of them.
+        self.shared.register_driver(cx.waker());
+        if self.shared.take_read_wake() {
+            self.to_app.armed = false;
+        }
         for _ in 0..BUDGET {
             let now = Instant::now();
             let mut progress = false;
             progress |= self.poll_shutdown(cx, shutdown.as_mut(), now);
             progress |= self.poll_app_gone(cx, app_gone.as_mut(), now);
             progress |= self.poll_backlog(cx);
-            progress |= self.poll_read(cx, now);
+            progress |= self.poll_read(now);
             progress |= self.poll_commands(cx, now);
-            progress |= self.poll_flush(cx, now);
+            // Timers before the flush: a ping or Close they queue goes out
+            // in the same turn.
             progress |= self.on_timers(now);
+            progress |= self.poll_flush(cx, now);
             self.refuse_sends_once_closing();
             if self.phase == Phase::Done {
                 return Poll::Ready(());
@@ -427,17 +445,15 @@ where
     /// once closing we must read the peer's Close reply, and data is
     /// dropped from then on anyway). The pong deadline is suspended while
     /// paused: the peer's pong may be sitting unread behind the data.
-    fn paused_for_budget(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    fn paused_for_budget(&mut self, now: Instant) -> bool {
+        // `poll` registered the task before this look: a take after it
+        // wakes us.
         if self.phase == Phase::Open && self.shared.over_budget() {
-            // Register, then look again: a take in between wakes us.
-            self.shared.wake_reader_on_take(cx.waker());
-            if self.shared.over_budget() {
-                if self.to_app.paused_since.is_none() {
-                    self.to_app.paused_since = Some(now);
-                    self.hb.suspend();
-                }
-                return true;
+            if self.to_app.paused_since.is_none() {
+                self.to_app.paused_since = Some(now);
+                self.hb.suspend();
             }
+            return true;
         }
         if self.to_app.paused_since.take().is_some() {
             self.hb.resume(now);
@@ -445,17 +461,26 @@ where
         false
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    fn poll_read(&mut self, now: Instant) -> bool {
         let reading = matches!(self.phase, Phase::Open | Phase::Closing { .. });
         self.to_app.frames_waiting = false;
-        if !reading || self.paused_for_budget(cx, now) {
+        if self.to_app.armed && reading {
+            // Nothing new since our last read found nothing.
             return false;
         }
-        match Pin::new(&mut self.ws).poll_next(cx) {
+        self.to_app.armed = false;
+        if !reading || self.paused_for_budget(now) {
+            return false;
+        }
+        let mut cx = Context::from_waker(&self.to_app.waker);
+        match Pin::new(&mut self.ws).poll_next(&mut cx) {
             // A Pending from tokio's cooperative budget says nothing about
-            // the socket: frames (a pong) may still wait behind it.
+            // the socket: frames (a pong) may still wait behind it, and
+            // nothing was registered (the budget woke the read waker).
             Poll::Pending => {
-                self.to_app.frames_waiting = !tokio::task::coop::has_budget_remaining();
+                let budget_left = tokio::task::coop::has_budget_remaining();
+                self.to_app.frames_waiting = !budget_left;
+                self.to_app.armed = budget_left;
                 false
             }
             Poll::Ready(Some(Ok(message))) => {
@@ -563,6 +588,12 @@ where
         let mut progress = false;
         for _ in 0..BATCH {
             if self.phase != Phase::Open {
+                break;
+            }
+            // Nothing queued since the queue last took our waker (and no
+            // blocked write side for `poll_ready` to clear): nothing to do.
+            let idle_write = self.write.dirty || self.write.blocked_since.is_none();
+            if self.from_app.registered && self.from_app.rx.is_empty() && idle_write {
                 break;
             }
             match Pin::new(&mut self.ws).poll_ready(cx) {
@@ -840,6 +871,7 @@ where
 /// waited for), and the verdict says so; the guard then runs the hooks.
 impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
     fn drop(&mut self) {
+        self.shared.unregister_driver();
         // Messages read but not yet queued are the application's: it gets
         // them after the queued ones.
         self.shared
