@@ -50,6 +50,8 @@ pub(crate) struct Probe<S> {
     pub(crate) written: fn(&S) -> Option<u64>,
     /// The peer's last Close frame as it was on the wire, if known.
     pub(crate) last_close: fn(&S) -> Option<RawClose>,
+    /// A pong the stream took out before tungstenite saw it, if any.
+    pub(crate) take_pong: fn(&mut S) -> Option<[u8; 8]>,
 }
 
 impl<S> Probe<S> {
@@ -58,6 +60,7 @@ impl<S> Probe<S> {
         Self {
             written: |_| None,
             last_close: |_| None,
+            take_pong: |_| None,
         }
     }
 }
@@ -68,6 +71,7 @@ impl<T: AsyncRead + Unpin> Probe<ReadLayer<T>> {
         Self {
             written: ReadLayer::bytes_written,
             last_close: ReadLayer::last_close,
+            take_pong: ReadLayer::take_pong,
         }
     }
 }
@@ -92,6 +96,8 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     write: WriteSide<S>,
     /// The peer's raw Close, where the stream shows it.
     last_close: fn(&S) -> Option<RawClose>,
+    /// A pong the stream read past tungstenite, where it does that.
+    take_pong: fn(&mut S) -> Option<[u8; 8]>,
     guard: CloseGuard,
 }
 
@@ -230,6 +236,7 @@ where
                 refused: false,
             },
             last_close: probe.last_close,
+            take_pong: probe.take_pong,
             write: WriteSide {
                 dirty: false,
                 blocked_since: None,
@@ -473,7 +480,14 @@ where
             return false;
         }
         let mut cx = Context::from_waker(&self.to_app.waker);
-        match Pin::new(&mut self.ws).poll_next(&mut cx) {
+        let read = Pin::new(&mut self.ws).poll_next(&mut cx);
+        // A pong the read layer took comes first: it was read first.
+        let pong = (self.take_pong)(self.ws.get_mut());
+        if let Some(payload) = pong {
+            self.shared.touch(now);
+            self.on_pong(now, &payload);
+        }
+        match read {
             // A Pending from tokio's cooperative budget says nothing about
             // the socket: frames (a pong) may still wait behind it, and
             // nothing was registered (the budget woke the read waker).
@@ -481,7 +495,7 @@ where
                 let budget_left = tokio::task::coop::has_budget_remaining();
                 self.to_app.frames_waiting = !budget_left;
                 self.to_app.armed = budget_left;
-                false
+                pong.is_some()
             }
             Poll::Ready(Some(Ok(message))) => {
                 self.to_app.frames_waiting = true;
@@ -518,21 +532,7 @@ where
                 // tungstenite queued the pong: get it on the wire now.
                 self.write.dirty = true;
             }
-            Message::Pong(payload) => {
-                let metrics = self.state.metrics();
-                metrics.pongs_received.increment(1);
-                match self.hb.on_pong(now, &payload) {
-                    Pong::Matched(rtt) => {
-                        metrics.rtt.record(secs(rtt));
-                        trace::pong_matched(rtt);
-                    }
-                    Pong::Unmatched => {
-                        metrics.pongs_unmatched.increment(1);
-                        trace::pong_unmatched();
-                    }
-                }
-                self.shared.publish(&self.hb.stats());
-            }
+            Message::Pong(payload) => self.on_pong(now, &payload),
             Message::Close(frame) => {
                 self.hb.on_frame(now);
                 let raw = (self.last_close)(self.ws.get_ref());
@@ -548,6 +548,23 @@ where
             }
             Message::Frame(_) => {}
         }
+    }
+
+    /// A pong, read by tungstenite or taken by the read layer.
+    fn on_pong(&mut self, now: Instant, payload: &[u8]) {
+        let metrics = self.state.metrics();
+        metrics.pongs_received.increment(1);
+        match self.hb.on_pong(now, payload) {
+            Pong::Matched(rtt) => {
+                metrics.rtt.record(secs(rtt));
+                trace::pong_matched(rtt);
+            }
+            Pong::Unmatched => {
+                metrics.pongs_unmatched.increment(1);
+                trace::pong_unmatched();
+            }
+        }
+        self.shared.publish(&self.hb.stats());
     }
 
     /// Hands a data message to the application's queue, or to the backlog

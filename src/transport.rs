@@ -45,6 +45,12 @@ pub struct ReadLayer<S> {
     written: u64,
     /// Follows the inbound frames to keep the raw payload of a Close.
     sniffer: CloseSniffer,
+    /// A pong with an 8-byte payload (the size of the supervisor's pings)
+    /// taken out of the stream before tungstenite saw it, for the driver
+    /// (see [`take_pong`](Self::take_pong)).
+    pong: Option<[u8; 8]>,
+    /// Whether the peer's frames are masked (we are the server).
+    peer_masks: bool,
 }
 
 impl<S> ReadLayer<S> {
@@ -68,6 +74,8 @@ impl<S> ReadLayer<S> {
             chunk: chunk.clamp(1, CHUNK),
             written: 0,
             sniffer: CloseSniffer::frames(),
+            pong: None,
+            peer_masks: true,
         }
     }
 
@@ -76,6 +84,7 @@ impl<S> ReadLayer<S> {
     pub(crate) fn for_client(io: S, chunk: usize) -> Self {
         Self {
             sniffer: CloseSniffer::after_http_head(),
+            peer_masks: false,
             ..Self::with_chunk(io, chunk)
         }
     }
@@ -84,6 +93,12 @@ impl<S> ReadLayer<S> {
     /// was on the wire (tungstenite replaces a code it does not allow).
     pub(crate) fn last_close(&self) -> Option<RawClose> {
         self.sniffer.last.clone()
+    }
+
+    /// The pong this layer took out of the stream, if any (see
+    /// [`AsyncRead`](#impl-AsyncRead-for-ReadLayer<S>)).
+    pub(crate) fn take_pong(&mut self) -> Option<[u8; 8]> {
+        self.pong.take()
     }
 
     /// Bytes the socket has accepted from us so far (always `Some`: the
@@ -141,19 +156,85 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     }
 }
 
+/// Reads that may consist of nothing but pongs this layer takes, in one
+/// `poll_read`, before it yields.
+const PONG_ONLY_READS: usize = 4;
+
+/// The stream, less the pongs the driver takes directly.
+///
+/// A whole, unfragmented pong with an 8-byte payload (what answers the
+/// supervisor's pings), masked as the peer's role requires, at a frame
+/// boundary, is taken out of the bytes handed to tungstenite and kept for
+/// the driver, one at a time. A peer's pong is then read with one read of
+/// the socket and no pass through tungstenite's frame parser, and the read
+/// that finds nothing else behind it registers for the next bytes at once.
+/// Every other frame, including any pong that breaks a rule, passes through
+/// untouched, so tungstenite judges it as before.
 impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = out.filled().len();
-        let result = self.as_mut().read_to(cx, out);
-        if result.is_ready() {
-            self.sniffer.feed(&out.filled()[before..]);
+        for _ in 0..PONG_ONLY_READS {
+            let before = out.filled().len();
+            ready!(self.as_mut().read_to(cx, out))?;
+            let read = out.filled().len() - before;
+            let kept = self.pass(&mut out.filled_mut()[before..]);
+            out.set_filled(before + kept);
+            if kept > 0 || read == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Only a pong we took: tungstenite needs bytes (or `Pending`).
         }
-        result
+        // Pongs without end: let the driver take them, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
+}
+
+impl<S> ReadLayer<S> {
+    /// Follows `bytes`, just read, frame by frame; takes out a pong for the
+    /// driver where one may be taken, and returns how many bytes are left
+    /// (moved to the front) for tungstenite.
+    fn pass(&mut self, bytes: &mut [u8]) -> usize {
+        let (mut at, mut kept) = (0, 0);
+        while at < bytes.len() {
+            if self.pong.is_none() && self.sniffer.at_boundary() {
+                if let Some((len, payload)) = whole_pong(&bytes[at..], self.peer_masks) {
+                    self.pong = Some(payload);
+                    at += len;
+                    continue;
+                }
+            }
+            let n = self.sniffer.feed_frame(&bytes[at..]);
+            if kept != at {
+                bytes.copy_within(at..at + n, kept);
+            }
+            at += n;
+            kept += n;
+        }
+        kept
+    }
+}
+
+/// The length and unmasked payload of the pong at the start of `bytes`, if
+/// it is whole, final, without reserved bits, masked exactly when
+/// `masked`, and 8 bytes long.
+fn whole_pong(bytes: &[u8], masked: bool) -> Option<(usize, [u8; 8])> {
+    const FIN_PONG: u8 = 0x8A;
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    if first != FIN_PONG || second != (u8::from(masked) << 7 | 8) {
+        return None;
+    }
+    let start = if masked { 6 } else { 2 };
+    let mut payload: [u8; 8] = bytes.get(start..start + 8)?.try_into().ok()?;
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= bytes[2 + i % 4];
+        }
+    }
+    Some((start + 8, payload))
 }
 
 impl<S: AsyncRead + Unpin> ReadLayer<S> {
@@ -288,8 +369,36 @@ impl CloseSniffer {
         }
     }
 
+    /// Whether the next byte starts a frame.
+    fn at_boundary(&self) -> bool {
+        matches!(self.state, Sniff::Header { have: 0, .. })
+    }
+
     /// Follows `bytes`, the next bytes of the stream.
+    #[cfg(test)]
     fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = self.feed_frame(bytes);
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Follows the start of `bytes` up to the end of the current frame (or
+    /// of the HTTP head); returns how many bytes that took (all of them if
+    /// the frame goes on).
+    fn feed_frame(&mut self, all: &[u8]) -> usize {
+        let mut bytes = all;
+        if let Sniff::Header { buf, have: 0 } = &mut self.state {
+            // The common case: the whole header at once.
+            if let Some(len) = header_len(bytes).filter(|&len| len <= bytes.len()) {
+                buf[..len].copy_from_slice(&bytes[..len]);
+                bytes = &bytes[len..];
+                self.state = header_done(buf, len as u8).expect("a whole header");
+                if self.finish_if_empty() {
+                    return len;
+                }
+            }
+        }
         while !bytes.is_empty() {
             match &mut self.state {
                 Sniff::HttpHead { matched } => {
@@ -306,6 +415,7 @@ impl CloseSniffer {
                             buf: [0; 14],
                             have: 0,
                         };
+                        break;
                     }
                 }
                 Sniff::Header { buf, have } => {
@@ -314,7 +424,9 @@ impl CloseSniffer {
                     *have += 1;
                     if let Some(next) = header_done(buf, *have) {
                         self.state = next;
-                        self.finish_if_empty();
+                        if self.finish_if_empty() {
+                            break;
+                        }
                     }
                 }
                 Sniff::Payload { remaining, close } => {
@@ -332,20 +444,24 @@ impl CloseSniffer {
                     }
                     bytes = &bytes[n..];
                     *remaining -= n as u64;
-                    self.finish_if_empty();
+                    if self.finish_if_empty() {
+                        break;
+                    }
                 }
             }
         }
+        all.len() - bytes.len()
     }
 
-    /// Ends the current frame if its payload is complete.
-    fn finish_if_empty(&mut self) {
+    /// Ends the current frame if its payload is complete; returns whether
+    /// it did.
+    fn finish_if_empty(&mut self) -> bool {
         let Sniff::Payload {
             remaining: 0,
             close,
         } = &mut self.state
         else {
-            return;
+            return false;
         };
         if let Some(capture) = close.take() {
             let bytes = capture.bytes;
@@ -364,7 +480,20 @@ impl CloseSniffer {
             buf: [0; 14],
             have: 0,
         };
+        true
     }
+}
+
+/// The header length of the frame starting `bytes`, once its first two
+/// bytes are there.
+fn header_len(bytes: &[u8]) -> Option<usize> {
+    let second = *bytes.get(1)?;
+    let ext = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    Some(2 + ext + if second & 0x80 != 0 { 4 } else { 0 })
 }
 
 /// The payload state once `have` header bytes in `buf` make a whole header.
@@ -479,6 +608,132 @@ mod tests {
                 assert_eq!(last.text, b"bad gateway");
             }
         }
+    }
+
+    /// Everything `t` hands tungstenite until the writer is gone, and the
+    /// pongs it took on the way (taken after every read, as the driver does).
+    async fn drain(t: &mut ReadLayer<tokio::io::DuplexStream>) -> (Vec<u8>, Vec<[u8; 8]>) {
+        let (mut passed, mut pongs) = (Vec::new(), Vec::new());
+        loop {
+            let mut buf = [0u8; 256];
+            let n = t.read(&mut buf).await.unwrap();
+            pongs.extend(t.take_pong());
+            if n == 0 {
+                return (passed, pongs);
+            }
+            passed.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_pong_is_taken_for_the_driver_and_the_rest_passes_intact() {
+        let key = Some([9, 8, 7, 6]);
+        let text = frame(0x1, b"hello", key);
+        let mut stream = frame(0xA, b"12345678", key);
+        stream.extend(&text);
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        stream.extend(frame(0x8, &close, key));
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        tx.write_all(&stream).await.unwrap();
+        drop(tx);
+        let (passed, pongs) = drain(&mut t).await;
+        assert_eq!(pongs, vec![*b"12345678"]);
+        let mut rest = text.clone();
+        rest.extend(frame(0x8, &close, key));
+        assert_eq!(passed, rest, "everything but the pong, byte for byte");
+        assert_eq!(t.sniffer.last.as_ref().and_then(|c| c.code), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn pongs_that_break_a_rule_or_find_the_slot_taken_pass_to_tungstenite() {
+        let key = Some([1, 2, 3, 4]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unmasked from a client", frame(0xA, b"12345678", None)),
+            ("not 8 bytes", frame(0xA, b"1234567", key)),
+            ("reserved bit", {
+                let mut f = frame(0xA, b"12345678", key);
+                f[0] |= 0x40;
+                f
+            }),
+            ("not final", {
+                let mut f = frame(0xA, b"12345678", key);
+                f[0] &= 0x7f;
+                f
+            }),
+            ("a second pong before the driver took the first", {
+                let mut f = frame(0xA, b"abcdefgh", key);
+                f.extend(frame(0xA, b"12345678", key));
+                f
+            }),
+        ];
+        for (what, bytes) in cases {
+            let (mut tx, rx) = tokio::io::duplex(1 << 16);
+            let mut t = ReadLayer::with_chunk(rx, 4096);
+            tx.write_all(&bytes).await.unwrap();
+            drop(tx);
+            let mut passed = vec![0u8; 256];
+            let mut n = 0;
+            loop {
+                let got = t.read(&mut passed[n..]).await.unwrap();
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            let taken = t.take_pong();
+            if what.starts_with("a second") {
+                assert_eq!(taken, Some(*b"abcdefgh"), "{what}");
+                assert_eq!(passed[..n], bytes[14..], "{what}");
+            } else {
+                assert_eq!(taken, None, "{what}");
+                assert_eq!(passed[..n], bytes[..], "{what}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pong_split_across_reads_passes_and_a_client_takes_unmasked_pongs() {
+        // Split: the first read ends inside the pong, so it is not taken.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        let pong = frame(0xA, b"12345678", Some([5, 5, 5, 5]));
+        tx.write_all(&pong[..5]).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(t.read(&mut buf).await.unwrap(), 5);
+        tx.write_all(&pong[5..]).await.unwrap();
+        drop(tx);
+        let (rest, pongs) = drain(&mut t).await;
+        assert_eq!(rest, pong[5..]);
+        assert!(pongs.is_empty());
+        // A client's layer: the server's pongs are unmasked, after the head.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::for_client(rx, 4096);
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+        let mut bytes = head.clone();
+        bytes.extend(frame(0xA, b"87654321", None));
+        tx.write_all(&bytes).await.unwrap();
+        drop(tx);
+        let (passed, pongs) = drain(&mut t).await;
+        assert_eq!(passed, head);
+        assert_eq!(pongs, vec![*b"87654321"]);
+    }
+
+    #[tokio::test]
+    async fn a_read_of_nothing_but_a_pong_is_pending_not_the_end() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        tx.write_all(&frame(0xA, b"12345678", Some([1, 1, 1, 1])))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // One poll reads the pong (it is there) and finds nothing behind it.
+        let read = futures::FutureExt::now_or_never(t.read(&mut buf));
+        assert!(read.is_none(), "no bytes for tungstenite: Pending, not EOF");
+        assert_eq!(t.take_pong(), Some(*b"12345678"));
+        tx.write_all(b"x").await.unwrap();
+        assert_eq!(t.read(&mut buf).await.unwrap(), 1);
     }
 
     #[test]
