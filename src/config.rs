@@ -16,7 +16,9 @@ use crate::app_heartbeat::{AppHeartbeat, AppPong, unsendable};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Liveness {
-    /// Any pong frame (matching or unsolicited) proves the peer alive.
+    /// Any pong frame (matching or unsolicited) proves the peer alive; under
+    /// an [application-level heartbeat](ConfigBuilder::app_heartbeat), so
+    /// does any answer its recogniser accepts.
     ///
     /// Stricter: the peer must be reading our frames and answering them.
     Pong,
