@@ -346,9 +346,9 @@ impl ConfigBuilder {
     /// for the write side like a ping frame: it never interleaves with a
     /// message being sent, and one that comes due while our own bytes wait
     /// for the socket is skipped (the write timeout judges a stuck write
-    /// side). Answers are not delivered to the application unless
-    /// [`deliver_heartbeats`](Self::deliver_heartbeats) says so; they are
-    /// not counted as messages received.
+    /// side). Answers are neither delivered to the application nor counted
+    /// as messages received, unless
+    /// [`deliver_heartbeats`](Self::deliver_heartbeats) says so.
     ///
     /// The peer's ping frames are still answered with pongs.
     ///

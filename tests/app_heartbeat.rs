@@ -470,6 +470,73 @@ async fn a_panicking_recogniser_ends_the_connection_as_internal() {
     assert_eq!(events.len(), 1);
 }
 
+/// Probes built by a function that misbehaves once the config is built:
+/// `build()` checked its first probe, so a later one is caught at run time.
+fn misbehaving_probe(
+    mode: &'static std::sync::atomic::AtomicU8,
+) -> impl Fn(u64) -> Message + Send + Sync + 'static {
+    move |nonce| match mode.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => probe(nonce),
+        1 => Message::binary(vec![0; 2048]),
+        _ => panic!("{EXPECTED_PANIC} probe builder"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_cannot_be_sent_is_skipped_and_the_peer_not_held_to_it() {
+    static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let config = heartbeat(SEC, SEC)
+        .liveness(Liveness::Pong)
+        .write_buffer_limit(1024)
+        .app_heartbeat(misbehaving_probe(&MODE), answer)
+        .build()
+        .unwrap();
+    // From now on every probe is larger than the write-buffer limit.
+    MODE.store(1, std::sync::atomic::Ordering::Relaxed);
+    let (sup, events) = supervisor(config);
+    let (conn, peer) = accept_raw(&sup).await;
+    let drained = tokio::spawn(peer.drain());
+    // A silent peer, five intervals: no probe went out, so no deadline ran.
+    sleep(5 * SEC + 500 * MS).await;
+    assert!(conn.close_event().is_none(), "{:?}", conn.close_event());
+    assert_eq!(conn.stats().pings_sent, 0);
+    drop(conn);
+    events.wait_for(1).await;
+    let frames = drained.await.unwrap();
+    assert_eq!(
+        frames.iter().map(|f| f.opcode).collect::<Vec<_>>(),
+        [OP_CLOSE],
+        "only our Close went out"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_probe_builder_ends_the_connection_as_internal() {
+    static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    quiet_expected_panics();
+    let config = heartbeat(SEC, SEC)
+        .app_heartbeat(misbehaving_probe(&MODE), answer)
+        .build()
+        .unwrap();
+    MODE.store(2, std::sync::atomic::Ordering::Relaxed);
+    let (sup, events) = supervisor(config);
+    let (conn, mut peer) = accept_raw(&sup).await;
+    let opened = Instant::now();
+    let close = peer.read_frame().await.unwrap();
+    // At the first probe's time, a Close 1011 instead of the probe.
+    assert_eq!(Instant::now() - opened, SEC);
+    assert_eq!(close.close_code(), Some(1011));
+    peer.send(OP_CLOSE, &close.payload).await;
+    let event = conn.closed().await;
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Internal, Initiator::Local)
+    );
+    assert_eq!(event.text, "application panicked");
+    assert_eq!(event.stats.pings_sent, 0);
+    assert_eq!(events.len(), 1);
+}
+
 // ===== real sockets =====
 
 /// A browser-like client (plain tungstenite) pings a supervised server with
