@@ -13,7 +13,13 @@
 //! * `--pong-timeout-ms N` — pong timeout (default 1000);
 //! * `--no-simulate` — serve only: echo every text and binary message;
 //! * `--metrics-listen ADDR` — where to serve Prometheus metrics, on every
-//!   path including `/metrics` (default `127.0.0.1:9000`).
+//!   path including `/metrics` (default `127.0.0.1:9000`);
+//! * `--app-heartbeat` — heartbeat with JSON messages instead of ping
+//!   frames: the server sends `{"op":"ping","t":N}` and expects
+//!   `{"op":"pong","t":N}`, and answers a client's (a browser's)
+//!   `{"op":"ping","t":N}` the same way (`docs/keepalive.md`). The fleet's
+//!   clients answer; a plain WebSocket client that does not ends as
+//!   `timeout`.
 //!
 //! The fleet, one round every few seconds: a client that closes normally
 //! (`normal`), one that says 1001 (`going_away`), one that falls silent
@@ -32,7 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use ws_supervisor::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use ws_supervisor::{CloseCode, Supervisor};
+use ws_supervisor::{AppPong, CloseCode, Config, Supervisor};
 
 mod common;
 
@@ -44,16 +50,19 @@ struct Args {
     serve: ServeFlags,
     simulate: bool,
     metrics_listen: SocketAddr,
+    app_heartbeat: bool,
 }
 
-const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR]";
+const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR] [--app-heartbeat]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut simulate = true;
+    let mut app_heartbeat = false;
     let mut metrics_listen: SocketAddr = "127.0.0.1:9000".parse().expect("valid default");
     let serve = ServeFlags::new("127.0.0.1:9001").parse(args, USAGE, |flag, value| {
         match flag {
             "--no-simulate" => simulate = false,
+            "--app-heartbeat" => app_heartbeat = true,
             "--metrics-listen" => {
                 let v = value()?;
                 metrics_listen = v
@@ -68,7 +77,46 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         serve,
         simulate,
         metrics_listen,
+        app_heartbeat,
     })
+}
+
+// ===== the JSON heartbeat of `--app-heartbeat` =====
+
+/// `{"op":"<op>","t":N}` → N.
+fn json_nonce(message: &Message, op: &str) -> Option<u64> {
+    let text = message.to_text().ok()?;
+    let rest = text.strip_prefix(r#"{"op":""#)?.strip_prefix(op)?;
+    rest.strip_prefix(r#"","t":"#)?
+        .strip_suffix('}')?
+        .parse()
+        .ok()
+}
+
+/// `{"op":"<op>","t":N}`.
+fn json_message(op: &str, nonce: u64) -> Message {
+    Message::text(format!(r#"{{"op":"{op}","t":{nonce}}}"#))
+}
+
+/// The supervisor's config: the common flags, and the JSON heartbeat if asked.
+fn config(args: &Args) -> Result<Config, ExitCode> {
+    if !args.app_heartbeat {
+        return args.serve.config();
+    }
+    Config::builder()
+        .ping_interval(args.serve.ping_interval)
+        .pong_timeout(args.serve.pong_timeout)
+        .close_timeout(Duration::from_secs(2))
+        .app_heartbeat(
+            |nonce| json_message("ping", nonce),
+            |message| json_nonce(message, "pong").map(AppPong::Nonce),
+        )
+        .answer_app_pings(|message| json_nonce(message, "ping").map(|t| json_message("pong", t)))
+        .build()
+        .map_err(|e| {
+            eprintln!("invalid settings: {e}");
+            ExitCode::from(2)
+        })
 }
 
 #[tokio::main]
@@ -77,7 +125,7 @@ async fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    let config = match args.serve.config() {
+    let config = match config(&args) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -99,8 +147,14 @@ async fn main() -> ExitCode {
     };
     let addr = listener.local_addr().expect("bound");
     println!(
-        "listening on ws://{addr}/ (ping every {:?}, pong timeout {:?}); Ctrl-C to stop",
-        args.serve.ping_interval, args.serve.pong_timeout
+        "listening on ws://{addr}/ ({} every {:?}, pong timeout {:?}); Ctrl-C to stop",
+        if args.app_heartbeat {
+            "JSON ping"
+        } else {
+            "ping"
+        },
+        args.serve.ping_interval,
+        args.serve.pong_timeout
     );
 
     tokio::spawn(serve(listener, supervisor.clone()));
@@ -193,12 +247,22 @@ async fn fleet(addr: SocketAddr, ping_interval: Duration, timeout_bound: Duratio
 
 type ClientResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// Reads (so tungstenite answers pings) for `hold`.
+/// Reads (so tungstenite answers pings) for `hold`, and answers the
+/// server's JSON pings (`--app-heartbeat`).
 async fn linger<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, hold: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(hold, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = tokio::time::timeout(hold, async {
+        while let Some(Ok(message)) = ws.next().await {
+            if let Some(t) = json_nonce(&message, "ping") {
+                if ws.send(json_message("pong", t)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 async fn normal(url: String, hold: Duration) -> ClientResult {

@@ -4,7 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::app_heartbeat::{AppHeartbeat, AppPong, unsendable};
 
 /// What counts as a sign of life from the peer for the pong deadline.
 ///
@@ -13,7 +16,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Liveness {
-    /// Any pong frame (matching or unsolicited) proves the peer alive.
+    /// Any pong frame (matching or unsolicited) proves the peer alive; under
+    /// an [application-level heartbeat](ConfigBuilder::app_heartbeat), so
+    /// does any answer its recogniser accepts.
     ///
     /// Stricter: the peer must be reading our frames and answering them.
     Pong,
@@ -50,6 +55,7 @@ pub struct Config {
     pong_timeout: Duration,
     ping_jitter: Duration,
     liveness: Liveness,
+    app_heartbeat: AppHeartbeat,
     handshake_timeout: Duration,
     close_timeout: Duration,
     write_timeout: Duration,
@@ -94,6 +100,25 @@ impl Config {
     /// What counts as liveness.
     pub const fn liveness(&self) -> Liveness {
         self.liveness
+    }
+    /// Whether the heartbeat sends application messages instead of ping
+    /// frames (see [`ConfigBuilder::app_heartbeat`]).
+    pub const fn uses_app_heartbeat(&self) -> bool {
+        self.app_heartbeat.probes()
+    }
+    /// Whether the peer's application-level pings are answered (see
+    /// [`ConfigBuilder::answer_app_pings`]).
+    pub const fn answers_app_pings(&self) -> bool {
+        self.app_heartbeat.replies()
+    }
+    /// Whether heartbeat messages are delivered to the application too (see
+    /// [`ConfigBuilder::deliver_heartbeats`]).
+    pub const fn delivers_heartbeats(&self) -> bool {
+        self.app_heartbeat.delivers()
+    }
+    /// The application-level heartbeat's functions.
+    pub(crate) const fn app_heartbeat(&self) -> &AppHeartbeat {
+        &self.app_heartbeat
     }
     /// Deadline of the opening (HTTP upgrade) handshake.
     pub const fn handshake_timeout(&self) -> Duration {
@@ -212,6 +237,7 @@ pub struct ConfigBuilder {
     pong_timeout: Duration,
     ping_jitter: Option<Duration>,
     liveness: Liveness,
+    app_heartbeat: AppHeartbeat,
     handshake_timeout: Duration,
     close_timeout: Duration,
     write_timeout: Duration,
@@ -241,6 +267,7 @@ impl ConfigBuilder {
             pong_timeout: Duration::from_secs(10),
             ping_jitter: None,
             liveness: Liveness::AnyFrame,
+            app_heartbeat: AppHeartbeat::new(),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
@@ -298,6 +325,134 @@ impl ConfigBuilder {
     /// [`Liveness::AnyFrame`]: see its docs for why.
     pub const fn liveness(mut self, liveness: Liveness) -> Self {
         self.liveness = liveness;
+        self
+    }
+
+    /// Sends an application message on the heartbeat's schedule instead of
+    /// a ping frame, for protocols and peers that cannot use ping frames
+    /// (browsers' JavaScript cannot answer them; some upstream APIs require
+    /// a JSON ping). `probe` builds the message for a nonce (a number at
+    /// most `2^53 - 1`, so it survives a JSON number in JavaScript; embed
+    /// it to have answers matched); `answer` recognises the peer's answer
+    /// and says which probe it answers ([`AppPong`]), or returns `None` for
+    /// any other message.
+    ///
+    /// Everything else is as for ping frames (`docs/keepalive.md`): the
+    /// schedule and its jitter, the pong deadline and the detection bound,
+    /// the reason ([`Timeout`](crate::CloseReason::Timeout), local, Close
+    /// 1011 "ping timeout"), the RTT and the counters (`pings_sent`,
+    /// `pongs_received`, `pongs_unmatched` in [`Stats`](crate::Stats) and
+    /// the metrics). An answer is a pong for [`Liveness`]. A probe waits
+    /// for the write side like a ping frame: it never interleaves with a
+    /// message being sent, and one that comes due while our own bytes wait
+    /// for the socket is skipped (the write timeout judges a stuck write
+    /// side). Answers are neither delivered to the application nor counted
+    /// as messages received, unless
+    /// [`deliver_heartbeats`](Self::deliver_heartbeats) says so.
+    ///
+    /// The peer's ping frames are still answered with pongs.
+    ///
+    /// Both functions run on the connection's task; `answer` runs on every
+    /// inbound text and binary message, so keep it cheap (look at a prefix
+    /// before parsing). A panic in either ends the connection as
+    /// [`Internal`](crate::CloseReason::Internal), local, "application
+    /// panicked". `build()` calls `probe` once (nonce 0) to check that it
+    /// returns a text or binary message within
+    /// [`write_buffer_limit`](Self::write_buffer_limit); a probe that
+    /// breaks that rule later is not sent (the ping is skipped).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ws_supervisor::tungstenite::Message;
+    /// use ws_supervisor::{AppPong, Config};
+    ///
+    /// let config = Config::builder()
+    ///     .app_heartbeat(
+    ///         |nonce| Message::text(format!(r#"{{"op":"ping","t":{nonce}}}"#)),
+    ///         |message| {
+    ///             let text = message.to_text().ok()?;
+    ///             let t = text.strip_prefix(r#"{"op":"pong","t":"#)?.strip_suffix('}')?;
+    ///             t.parse().ok().map(AppPong::Nonce)
+    ///         },
+    ///     )
+    ///     .build()?;
+    /// assert!(config.uses_app_heartbeat());
+    /// # Ok::<(), ws_supervisor::ConfigError>(())
+    /// ```
+    ///
+    /// # Default
+    /// Off: the heartbeat sends ping frames, which every WebSocket stack
+    /// answers without any application code.
+    pub fn app_heartbeat<P, A>(mut self, probe: P, answer: A) -> Self
+    where
+        P: Fn(u64) -> Message + Send + Sync + 'static,
+        A: Fn(&Message) -> Option<AppPong> + Send + Sync + 'static,
+    {
+        self.app_heartbeat
+            .set_probe(Arc::new(probe), Arc::new(answer));
+        self
+    }
+
+    /// Answers the peer's application-level pings: `reply` looks at each
+    /// inbound text or binary message and returns the reply to send if it
+    /// is such a ping, or `None` for any other message. One function both
+    /// recognises the ping and builds the reply, so a reply can echo the
+    /// ping's nonce without parsing it twice.
+    ///
+    /// For servers whose browser clients check the server's liveness with
+    /// a message of their own. The reply goes out as soon as the write side
+    /// has finished the message it is writing (never inside it); while our
+    /// own bytes wait for the socket, only the latest reply waits with
+    /// them. The peer's pings are not delivered to the application unless
+    /// [`deliver_heartbeats`](Self::deliver_heartbeats) says so, and count
+    /// as liveness as ping frames do (under [`Liveness::AnyFrame`]). A reply
+    /// that is not a text or binary message within
+    /// [`write_buffer_limit`](Self::write_buffer_limit) is not sent; a
+    /// panic in `reply` ends the connection as
+    /// [`Internal`](crate::CloseReason::Internal), local. Works in either
+    /// role, and beside [`app_heartbeat`](Self::app_heartbeat) (whose
+    /// `answer` is asked first).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ws_supervisor::Config;
+    /// use ws_supervisor::tungstenite::Message;
+    ///
+    /// // `{"op":"ping","t":N}` from the browser gets `{"op":"pong","t":N}`.
+    /// let config = Config::builder()
+    ///     .answer_app_pings(|message| {
+    ///         let text = message.to_text().ok()?;
+    ///         let rest = text.strip_prefix(r#"{"op":"ping""#)?;
+    ///         Some(Message::text(format!(r#"{{"op":"pong"{rest}"#)))
+    ///     })
+    ///     .build()?;
+    /// assert!(config.answers_app_pings());
+    /// # Ok::<(), ws_supervisor::ConfigError>(())
+    /// ```
+    ///
+    /// # Default
+    /// Off: every message goes to the application.
+    pub fn answer_app_pings<R>(mut self, reply: R) -> Self
+    where
+        R: Fn(&Message) -> Option<Message> + Send + Sync + 'static,
+    {
+        self.app_heartbeat.set_reply(Arc::new(reply));
+        self
+    }
+
+    /// Also delivers heartbeat messages to the application: the answers to
+    /// [`app_heartbeat`](Self::app_heartbeat) probes and the peer's pings
+    /// recognised by [`answer_app_pings`](Self::answer_app_pings), after the
+    /// supervisor has handled them. Delivered, they count as messages
+    /// received and against the inbound budget like any other. Requires one
+    /// of those two modes.
+    ///
+    /// # Default
+    /// `false`: the application sees only its own protocol's messages.
+    pub const fn deliver_heartbeats(mut self, deliver: bool) -> Self {
+        self.app_heartbeat.set_deliver(deliver);
         self
     }
 
@@ -490,7 +645,9 @@ impl ConfigBuilder {
     /// A [`ConfigError`] naming the first invalid setting: a zero duration,
     /// jitter above the interval, a zero size or count, a frame limit above
     /// the message limit, a write-buffer limit below the read buffer, or an
-    /// origin that is not `scheme://host[:port]`.
+    /// origin that is not `scheme://host[:port]`, an application-level
+    /// probe that is not a text or binary message within the write-buffer
+    /// limit, or heartbeat delivery without an application-level heartbeat.
     pub fn build(self) -> Result<Config, ConfigError> {
         for (name, value) in [
             ("ping_interval", self.ping_interval),
@@ -573,11 +730,24 @@ impl ConfigBuilder {
                 min: MIN_WRITE_BUFFER,
             });
         }
+        if self.app_heartbeat.delivers() && !self.app_heartbeat.inspects() {
+            return Err(ConfigError::DeliverWithoutAppHeartbeat);
+        }
+        match self.app_heartbeat.probe(0) {
+            Ok(None) => {}
+            Ok(Some(sample)) => {
+                if let Some(why) = unsendable(&sample, self.write_buffer_limit) {
+                    return Err(ConfigError::InvalidAppProbe(why));
+                }
+            }
+            Err(_) => return Err(ConfigError::InvalidAppProbe("the probe builder panicked")),
+        }
         Ok(Config {
             ping_interval: self.ping_interval,
             pong_timeout: self.pong_timeout,
             ping_jitter,
             liveness: self.liveness,
+            app_heartbeat: self.app_heartbeat,
             handshake_timeout: self.handshake_timeout,
             close_timeout: self.close_timeout,
             write_timeout: self.write_timeout,
@@ -674,6 +844,15 @@ pub enum ConfigError {
         /// The smallest accepted limit.
         min: usize,
     },
+    /// The application-level heartbeat's probe (built for nonce 0) cannot be
+    /// sent; says why: not a text or binary message, larger than the
+    /// write-buffer limit, or the builder panicked.
+    InvalidAppProbe(&'static str),
+    /// [`deliver_heartbeats`](ConfigBuilder::deliver_heartbeats) was set
+    /// with neither [`app_heartbeat`](ConfigBuilder::app_heartbeat) nor
+    /// [`answer_app_pings`](ConfigBuilder::answer_app_pings): there are no
+    /// heartbeat messages to deliver.
+    DeliverWithoutAppHeartbeat,
 }
 
 impl fmt::Display for ConfigError {
@@ -708,6 +887,13 @@ impl fmt::Display for ConfigError {
                     "write_buffer_limit ({limit}) must be at least {min} bytes"
                 )
             }
+            Self::InvalidAppProbe(why) => {
+                write!(f, "the app_heartbeat probe cannot be sent: {why}")
+            }
+            Self::DeliverWithoutAppHeartbeat => write!(
+                f,
+                "deliver_heartbeats needs app_heartbeat or answer_app_pings"
+            ),
         }
     }
 }
@@ -816,6 +1002,45 @@ mod tests {
             assert_eq!(err, ConfigError::ZeroCount(name));
             assert_eq!(err.to_string(), format!("{name} must be at least 1"));
         }
+    }
+
+    #[test]
+    fn the_app_heartbeat_is_off_by_default_and_validated() {
+        let c = Config::default();
+        assert!(!c.uses_app_heartbeat() && !c.answers_app_pings() && !c.delivers_heartbeats());
+        let answer = |_: &Message| None;
+        let c = Config::builder()
+            .app_heartbeat(|n| Message::text(n.to_string()), answer)
+            .answer_app_pings(|_| None)
+            .deliver_heartbeats(true)
+            .build()
+            .unwrap();
+        assert!(c.uses_app_heartbeat() && c.answers_app_pings() && c.delivers_heartbeats());
+        let b = Config::builder;
+        for (builder, why) in [
+            (
+                b().app_heartbeat(|_| Message::Ping(Default::default()), answer),
+                "not a text or binary message",
+            ),
+            (
+                b().write_buffer_limit(1024)
+                    .app_heartbeat(|_| Message::binary(vec![0; 1025]), answer),
+                "larger than write_buffer_limit",
+            ),
+            (
+                b().app_heartbeat(|_| panic!("[expected panic] probe"), answer),
+                "the probe builder panicked",
+            ),
+        ] {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err, ConfigError::InvalidAppProbe(why));
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        assert_eq!(
+            b().deliver_heartbeats(true).build().unwrap_err(),
+            ConfigError::DeliverWithoutAppHeartbeat
+        );
+        assert!(b().deliver_heartbeats(false).build().is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::PollSender;
 
+use crate::app_heartbeat::{Heard, unsendable};
 use crate::close::Cause;
 use crate::connection::{Command, Inbound, Outbound, Shared};
 use crate::error::Error;
@@ -162,6 +163,9 @@ struct WriteSide<S> {
     progress: fn(&S) -> Option<u64>,
     /// Its last reading.
     written: Option<u64>,
+    /// Our reply to the peer's application ping, waiting for the message
+    /// being written to finish (the latest only; see `reply`).
+    reply: Option<Box<Message>>,
 }
 
 impl<S> WriteSide<S> {
@@ -242,6 +246,7 @@ where
                 blocked_since: None,
                 progress: probe.written,
                 written: None,
+                reply: None,
             },
             guard,
         }
@@ -485,7 +490,8 @@ where
         let pong = (self.take_pong)(self.ws.get_mut());
         if let Some(payload) = pong {
             self.shared.touch(now);
-            self.on_pong(now, &payload);
+            let pong = self.hb.on_pong(now, &payload);
+            self.count_pong(pong);
         }
         match read {
             // A Pending from tokio's cooperative budget says nothing about
@@ -521,6 +527,9 @@ where
         self.shared.touch(now);
         match message {
             Message::Text(_) | Message::Binary(_) => {
+                if self.state.config().app_heartbeat().inspects() && !self.hear(&message, now) {
+                    return;
+                }
                 self.hb.on_frame(now);
                 let metrics = self.state.metrics();
                 metrics.messages_received.increment(1);
@@ -532,7 +541,10 @@ where
                 // tungstenite queued the pong: get it on the wire now.
                 self.write.dirty = true;
             }
-            Message::Pong(payload) => self.on_pong(now, &payload),
+            Message::Pong(payload) => {
+                let pong = self.hb.on_pong(now, &payload);
+                self.count_pong(pong);
+            }
             Message::Close(frame) => {
                 self.hb.on_frame(now);
                 let raw = (self.last_close)(self.ws.get_ref());
@@ -550,11 +562,11 @@ where
         }
     }
 
-    /// A pong, read by tungstenite or taken by the read layer.
-    fn on_pong(&mut self, now: Instant, payload: &[u8]) {
+    /// Counts a pong of either kind, already recorded by the heartbeat.
+    fn count_pong(&mut self, pong: Pong) {
         let metrics = self.state.metrics();
         metrics.pongs_received.increment(1);
-        match self.hb.on_pong(now, payload) {
+        match pong {
             Pong::Matched(rtt) => {
                 metrics.rtt.record(secs(rtt));
                 trace::pong_matched(rtt);
@@ -565,6 +577,51 @@ where
             }
         }
         self.shared.publish(&self.hb.stats());
+    }
+
+    /// Handles a data message that may belong to the application-level
+    /// heartbeat; returns whether it goes on to the application.
+    fn hear(&mut self, message: &Message, now: Instant) -> bool {
+        let app = self.state.config().app_heartbeat();
+        let deliver = app.delivers();
+        match app.hear(message) {
+            Ok(Heard::Data) => true,
+            Ok(Heard::Answer(answer)) => {
+                let pong = self.hb.on_answer(now, answer);
+                self.count_pong(pong);
+                deliver
+            }
+            Ok(Heard::PeerPing(reply)) => {
+                // A ping, as a ping frame is for liveness.
+                self.hb.on_frame(now);
+                self.reply(reply);
+                deliver
+            }
+            Err(_) => {
+                if self.phase == Phase::Open {
+                    let until = now + self.state.config().close_timeout();
+                    self.close_with(Cause::AppPanicked, until);
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends our reply to the peer's application ping: at once if the write
+    /// side is idle, else after the message being written (data frames of
+    /// two messages cannot interleave), keeping only the latest, so that
+    /// replies never pile up in the write buffer's headroom (it is for the
+    /// Close).
+    fn reply(&mut self, reply: Message) {
+        let limit = self.state.config().write_buffer_limit();
+        if self.phase != Phase::Open || unsendable(&reply, limit).is_some() {
+            return;
+        }
+        if self.write.dirty {
+            self.write.reply = Some(Box::new(reply));
+        } else {
+            self.start_send(reply);
+        }
     }
 
     /// Hands a data message to the application's queue, or to the backlog
@@ -851,7 +908,7 @@ where
             self.phase = Phase::Done;
             return true;
         }
-        if let Some(payload) = self.hb.ping_due(now) {
+        if let Some(nonce) = self.hb.nonce_due(now) {
             if self.write.dirty {
                 // Our own bytes still wait for the socket: a ping queued
                 // behind them would not reach the peer, and holding the
@@ -861,7 +918,9 @@ where
                 self.hb.ping_skipped(now);
                 return true;
             }
-            let ping = Message::Ping(Bytes::copy_from_slice(&payload));
+            let Some(ping) = self.probe(nonce, now) else {
+                return true;
+            };
             match Pin::new(&mut self.ws).start_send(ping) {
                 Ok(()) => {
                     self.write.dirty = true;
@@ -877,7 +936,46 @@ where
             }
             return true;
         }
-        false
+        self.send_waiting_reply()
+    }
+
+    /// The ping carrying `nonce`: a ping frame, or the application-level
+    /// probe. `None` (and the ping is over) if the probe cannot be sent
+    /// (skipped) or its builder panicked (the connection ends).
+    fn probe(&mut self, nonce: u64, now: Instant) -> Option<Message> {
+        let config = self.state.config();
+        match config.app_heartbeat().probe(nonce) {
+            Ok(None) => Some(Message::Ping(Bytes::copy_from_slice(&nonce.to_be_bytes()))),
+            Ok(Some(probe)) if unsendable(&probe, config.write_buffer_limit()).is_none() => {
+                Some(probe)
+            }
+            // `build()` checked a sample; the peer is not held to a ping
+            // that was not sent.
+            Ok(Some(_)) => {
+                self.hb.ping_skipped(now);
+                None
+            }
+            Err(_) => {
+                let until = now + config.close_timeout();
+                self.close_with(Cause::AppPanicked, until);
+                None
+            }
+        }
+    }
+
+    /// Sends the reply to the peer's application ping that waited for the
+    /// write side; returns whether it did.
+    fn send_waiting_reply(&mut self) -> bool {
+        if self.write.dirty {
+            return false;
+        }
+        match self.write.reply.take() {
+            Some(reply) => {
+                self.start_send(*reply);
+                true
+            }
+            None => false,
+        }
     }
 }
 

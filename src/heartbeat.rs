@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::app_heartbeat::{AppPong, MAX_NONCE};
 use crate::config::Liveness;
 
 /// How many recent pings keep their send time for RTT matching. A pong for
@@ -36,6 +37,10 @@ fn align(epoch: Instant, at: Instant, slot: Duration) -> Instant {
 /// Pure state: every method takes the current [`Instant`], so it is tested
 /// without sockets or timers. The schedule (see `docs/keepalive.md`):
 ///
+/// A *ping* here is any probe: a ping frame, or an application message
+/// (`app_heartbeat.rs`) carrying the same nonce; the schedule, the deadline
+/// and the matching do not depend on which.
+///
 /// * the first ping at `open + interval + phase` (phase < jitter; on a
 ///   shared slot boundary when the jitter spans a slot, see `new`), then
 ///   every `interval`; a ping that comes due
@@ -55,7 +60,8 @@ pub struct Heartbeat {
     timeout: Duration,
     /// What counts as liveness.
     liveness: Liveness,
-    /// XORed into sequence numbers so that foreign pongs rarely match.
+    /// XORed into sequence numbers so that foreign pongs rarely match;
+    /// below 2^53, so that nonces survive a JSON number (`MAX_NONCE`).
     key: u64,
     /// When the next ping is due.
     next_ping: Instant,
@@ -129,7 +135,7 @@ impl Heartbeat {
             interval,
             timeout,
             liveness,
-            key,
+            key: key & MAX_NONCE,
             next_ping: first_ping,
             seq: 0,
             unacked: 0,
@@ -168,11 +174,18 @@ impl Heartbeat {
         self.deadline().is_some_and(|d| now >= d)
     }
 
-    /// The payload of the next ping, if one is due at `now`. Nothing is
-    /// recorded until [`ping_sent`](Self::ping_sent) or
-    /// [`ping_skipped`](Self::ping_skipped).
+    /// The payload of the next ping frame, if one is due at `now`: its
+    /// [nonce](Self::nonce_due), big-endian.
     pub fn ping_due(&self, now: Instant) -> Option<[u8; PAYLOAD_LEN]> {
-        (now >= self.next_ping).then(|| (self.seq ^ self.key).to_be_bytes())
+        self.nonce_due(now).map(u64::to_be_bytes)
+    }
+
+    /// The nonce of the next ping (of either kind), if one is due at `now`:
+    /// a masked sequence number, at most `2^53 - 1`. Nothing is recorded
+    /// until [`ping_sent`](Self::ping_sent) or
+    /// [`ping_skipped`](Self::ping_skipped).
+    pub fn nonce_due(&self, now: Instant) -> Option<u64> {
+        (now >= self.next_ping).then_some(self.seq ^ self.key)
     }
 
     /// The due ping went out at `now`: it starts the deadline, if none runs.
@@ -200,14 +213,39 @@ impl Heartbeat {
         }
     }
 
-    /// Records a pong received at `now` with `payload`.
+    /// Records a pong frame received at `now` with `payload`.
     pub fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Pong {
+        let seq = <[u8; PAYLOAD_LEN]>::try_from(payload)
+            .ok()
+            .map(|p| u64::from_be_bytes(p) ^ self.key);
+        self.answered(now, seq)
+    }
+
+    /// Records the answer to an application-level ping, received at `now`:
+    /// a pong exactly as [`on_pong`](Self::on_pong) counts one. Without a
+    /// nonce ([`AppPong::Oldest`]) it answers the oldest ping still
+    /// outstanding.
+    pub fn on_answer(&mut self, now: Instant, answer: AppPong) -> Pong {
+        match answer {
+            AppPong::Nonce(nonce) => self.answered(now, Some(nonce ^ self.key)),
+            AppPong::Oldest if self.unacked < self.seq => {
+                let oldest = self.unacked;
+                let pong = self.answered(now, Some(oldest));
+                // Answers come in order: this ping is spent even if its
+                // send time has left the ring (then it gave no RTT sample).
+                self.unacked = self.unacked.max(oldest + 1);
+                pong
+            }
+            AppPong::Oldest => self.answered(now, None),
+        }
+    }
+
+    /// A pong (of either kind) for sequence number `seq`, if it names one.
+    fn answered(&mut self, now: Instant, seq: Option<u64>) -> Pong {
         self.stats.pongs_received += 1;
         self.alive(now);
-        let matched = <[u8; PAYLOAD_LEN]>::try_from(payload)
-            .ok()
-            .map(|p| u64::from_be_bytes(p) ^ self.key)
-            .filter(|&s| s >= self.unacked && s < self.seq && self.seq - s <= RING as u64);
+        let matched =
+            seq.filter(|&s| s >= self.unacked && s < self.seq && self.seq - s <= RING as u64);
         let Some(s) = matched else {
             self.stats.pongs_unmatched += 1;
             return Pong::Unmatched;
@@ -506,6 +544,92 @@ mod tests {
         let a = ping(&mut h, t0 + S).unwrap();
         let b = ping(&mut h, t0 + 2 * S).unwrap();
         assert_ne!(a, b);
+    }
+
+    /// Sends the due probe at `now` and returns its nonce.
+    fn probe(h: &mut Heartbeat, now: Instant) -> u64 {
+        let nonce = h.nonce_due(now).expect("a probe is due");
+        h.ping_sent(now);
+        nonce
+    }
+
+    #[test]
+    fn an_app_answer_with_a_nonce_is_matched_as_a_pong_frame_is() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 3 * S);
+        let first = probe(&mut h, t0 + S);
+        let second = probe(&mut h, t0 + 2 * S);
+        assert_eq!(h.deadline(), Some(t0 + 4 * S));
+        let at = t0 + 2 * S + 40 * MS;
+        assert_eq!(
+            h.on_answer(at, AppPong::Nonce(second)),
+            Pong::Matched(40 * MS)
+        );
+        assert_eq!(h.deadline(), None);
+        // Acknowledged by the later answer: stale now.
+        assert_eq!(h.on_answer(at, AppPong::Nonce(first)), Pong::Unmatched);
+        // A nonce we never sent.
+        assert_eq!(
+            h.on_answer(at, AppPong::Nonce(second ^ 0xff)),
+            Pong::Unmatched
+        );
+        let s = h.stats();
+        assert_eq!(
+            (s.pings_sent, s.pongs_received, s.pongs_unmatched),
+            (2, 3, 2)
+        );
+        assert_eq!(s.last_rtt, Some(40 * MS));
+        // The same nonce as a ping-frame payload is the same ping.
+        let third = probe(&mut h, t0 + 3 * S);
+        assert_eq!(
+            h.on_pong(t0 + 3 * S + MS, &third.to_be_bytes()),
+            Pong::Matched(MS)
+        );
+    }
+
+    #[test]
+    fn an_app_answer_without_a_nonce_answers_the_oldest_outstanding_ping() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 10 * S);
+        // Nothing outstanding: liveness only.
+        assert_eq!(h.on_answer(t0, AppPong::Oldest), Pong::Unmatched);
+        probe(&mut h, t0 + S);
+        probe(&mut h, t0 + 2 * S);
+        let at = t0 + 2 * S + 500 * MS;
+        // In order: the first ping's answer, then the second's.
+        assert_eq!(h.on_answer(at, AppPong::Oldest), Pong::Matched(1500 * MS));
+        assert_eq!(h.on_answer(at, AppPong::Oldest), Pong::Matched(500 * MS));
+        // Both answered: a third answer is unsolicited.
+        assert_eq!(h.on_answer(at, AppPong::Oldest), Pong::Unmatched);
+        assert_eq!(h.deadline(), None);
+        let s = h.stats();
+        assert_eq!((s.pongs_received, s.pongs_unmatched), (4, 2));
+    }
+
+    #[test]
+    fn an_answer_to_a_ping_that_left_the_ring_is_spent_without_a_sample() {
+        let t0 = Instant::now();
+        let mut h = hb(t0, 100 * S);
+        for i in 1..=(RING as u32 + 1) {
+            probe(&mut h, t0 + S * i);
+        }
+        let at = t0 + 10 * S;
+        // The oldest of five has no send time left: liveness, no RTT.
+        assert_eq!(h.on_answer(at, AppPong::Oldest), Pong::Unmatched);
+        assert_eq!(h.stats().last_rtt, None);
+        // The next answer is the second ping's, sent at 2 s.
+        assert_eq!(h.on_answer(at, AppPong::Oldest), Pong::Matched(8 * S));
+    }
+
+    #[test]
+    fn nonces_fit_a_json_number() {
+        let t0 = Instant::now();
+        let zero = Duration::ZERO;
+        let mut h = Heartbeat::new(t0, t0, S, S, zero, 0.0, Liveness::Pong, u64::MAX);
+        for i in 1..100 {
+            let nonce = probe(&mut h, t0 + S * i);
+            assert!(nonce <= MAX_NONCE, "{nonce}");
+        }
     }
 
     #[test]

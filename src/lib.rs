@@ -79,7 +79,8 @@
 //!   steps (read, deliver, write, flush, timers) over the pieces below;
 //!   `signal.rs`: its one-shot wake-ups (shutdown, the application gone).
 //! * `heartbeat.rs`: the ping schedule, pong matching and RTT estimate, with
-//!   no I/O.
+//!   no I/O; `app_heartbeat.rs`: application-level pings ([`AppPong`]) —
+//!   the probe message, its answer, replies to the peer's own — with no I/O.
 //! * [`CloseReason`] and [`CloseEvent`] (`close.rs`): the reason table;
 //!   `verdict.rs`: the close decision (which cause wins, the codes sent and
 //!   received, the frame each cause sends), with no I/O.
@@ -142,6 +143,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod accept;
+mod app_heartbeat;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
@@ -173,6 +175,7 @@ mod transport;
 mod verdict;
 
 pub use accept::Accept;
+pub use app_heartbeat::AppPong;
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
 pub use connect::Connect;

@@ -29,9 +29,9 @@ pub mod names {
     pub const HANDSHAKE_FAILURES: &str = "ws_supervisor_handshake_failures_total";
     /// Counter, labels `reason` and `initiator`: connections that ended.
     pub const CLOSED: &str = "ws_supervisor_connections_closed_total";
-    /// Counter: pings sent.
+    /// Counter: pings sent (ping frames or application-level probes).
     pub const PINGS_SENT: &str = "ws_supervisor_pings_sent_total";
-    /// Counter: pongs received (matching or not).
+    /// Counter: pongs received (frames or application-level answers), matching or not.
     pub const PONGS_RECEIVED: &str = "ws_supervisor_pongs_received_total";
     /// Counter: pongs that matched none of our recent pings (late or unsolicited).
     pub const PONGS_UNMATCHED: &str = "ws_supervisor_pongs_unmatched_total";
@@ -102,11 +102,15 @@ fn describe_all() {
         Unit::Count,
         "Connections that ended, by reason and initiator."
     );
-    describe_counter!(PINGS_SENT, Unit::Count, "Pings sent by the supervisor.");
+    describe_counter!(
+        PINGS_SENT,
+        Unit::Count,
+        "Pings sent by the supervisor (ping frames or application-level probes)."
+    );
     describe_counter!(
         PONGS_RECEIVED,
         Unit::Count,
-        "Pongs received, matching or not."
+        "Pongs received (pong frames or application-level answers), matching or not."
     );
     describe_counter!(
         PONGS_UNMATCHED,

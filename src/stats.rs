@@ -24,9 +24,11 @@ impl fmt::Display for ConnectionId {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Pings sent by the supervisor.
+    /// Pings sent by the supervisor: ping frames, or application-level probes
+    /// ([`ConfigBuilder::app_heartbeat`](crate::ConfigBuilder::app_heartbeat)).
     pub pings_sent: u64,
-    /// Pongs received, matching or not.
+    /// Pongs received, matching or not: pong frames, or answers to
+    /// application-level probes.
     pub pongs_received: u64,
     /// Pongs that matched none of our recent pings (unsolicited or stale).
     pub pongs_unmatched: u64,
