@@ -163,7 +163,11 @@ impl Config {
     pub const fn write_buffer_limit(&self) -> usize {
         self.write_buffer_limit
     }
-    /// Messages received but not yet taken by the application, per connection.
+    /// What [`ConfigBuilder::inbound_queue`] was given (it has no effect).
+    #[deprecated(
+        since = "0.3.0",
+        note = "has no effect: unread messages are bounded by `inbound_buffer_limit` (bytes) alone"
+    )]
     pub const fn inbound_queue(&self) -> usize {
         self.inbound_queue
     }
@@ -595,22 +599,21 @@ impl ConfigBuilder {
         self
     }
 
-    /// Messages the application's queue holds. When it is full the
-    /// supervisor keeps reading (so pongs are still seen) into a backlog,
-    /// within [`inbound_buffer_limit`](Self::inbound_buffer_limit) bytes in
-    /// all (see `docs/keepalive.md`).
-    ///
-    /// Must be at least 1.
-    ///
-    /// # Default
-    /// 32.
+    /// Has no effect since 0.3.0. It was the message count of the queue to
+    /// the application, behind which the supervisor kept reading into a
+    /// backlog anyway; the two are now one queue, bounded by
+    /// [`inbound_buffer_limit`](Self::inbound_buffer_limit) bytes alone.
+    #[deprecated(
+        since = "0.3.0",
+        note = "has no effect: unread messages are bounded by `inbound_buffer_limit` (bytes) alone"
+    )]
     pub const fn inbound_queue(mut self, messages: usize) -> Self {
         self.inbound_queue = messages;
         self
     }
 
-    /// Bytes of messages read but not yet taken by the application (its
-    /// queue and the backlog behind it). Within it the supervisor keeps
+    /// Bytes of messages read but not yet taken by the application. Within
+    /// it the supervisor keeps
     /// reading even while the application does not, so a silent peer is
     /// still found by its pong deadline. Beyond it, reading pauses (TCP
     /// pushes back on the peer) and the pong deadline is suspended, for at
@@ -689,7 +692,6 @@ impl ConfigBuilder {
             });
         }
         for (name, value) in [
-            ("inbound_queue", Some(self.inbound_queue)),
             ("outbound_queue", Some(self.outbound_queue)),
             ("max_connections", self.max_connections),
             ("max_handshakes_per_ip", self.max_handshakes_per_ip),
@@ -973,13 +975,11 @@ mod tests {
     fn counts_are_plain_numbers_and_zero_is_rejected() {
         let b = Config::builder;
         let c = b()
-            .inbound_queue(4)
             .outbound_queue(8)
             .max_connections(100)
             .max_handshakes_per_ip(3)
             .build()
             .unwrap();
-        assert_eq!(c.inbound_queue(), 4);
         assert_eq!(c.outbound_queue(), 8);
         assert_eq!(c.max_connections(), Some(100));
         assert_eq!(c.max_handshakes_per_ip(), Some(3));
@@ -990,7 +990,6 @@ mod tests {
         );
         assert_eq!(Config::default().max_handshakes_per_ip(), None);
         for (err, name) in [
-            (b().inbound_queue(0).build(), "inbound_queue"),
             (b().outbound_queue(0).build(), "outbound_queue"),
             (b().max_connections(0).build(), "max_connections"),
             (

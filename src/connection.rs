@@ -8,12 +8,12 @@ use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures::Stream;
 use futures::task::AtomicWaker;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -44,14 +44,14 @@ pub(crate) struct Shared {
     /// Set once by the driver when the connection has ended (boxed: most of
     /// a connection's life it is empty, and it is large).
     event: OnceLock<Box<CloseEvent>>,
-    /// Wakes [`Connection::closed`] waiters once `event` is set.
+    /// Wakes [`Connection::closed`] waiters once `event` is set, and
+    /// senders waiting for room in the outbox when it frees or closes.
     notify: Notify,
     /// The application's task panicked while holding the [`Connection`].
     pub(crate) app_panicked: AtomicBool,
-    /// The [`Connection`] was dropped (set before its receiver goes).
+    /// The [`Connection`] was dropped.
     pub(crate) app_gone: AtomicBool,
-    /// Bytes of data messages read but not yet taken by the application
-    /// (its queue and the driver's backlog), against `inbound_limit`.
+    /// Bytes of data messages in the inbox, against `inbound_limit`.
     unread: AtomicUsize,
     /// `inbound_buffer_limit`: at this many unread bytes the driver pauses.
     inbound_limit: usize,
@@ -63,9 +63,51 @@ pub(crate) struct Shared {
     /// The socket woke the driver for reading since it last looked (see
     /// [`read_waker`](Shared::read_waker)).
     read_woken: AtomicBool,
-    /// Messages read after the application's queue filled, handed over when
-    /// the driver ends (oldest first), so that none is lost.
-    leftover: Mutex<VecDeque<Inbound>>,
+    /// Messages the driver read for the application, oldest first.
+    inbox: Mutex<Inbox>,
+    /// The application's task, waiting in [`Connection::recv`].
+    app: AtomicWaker,
+    /// What the application's senders queued for the driver, oldest first.
+    outbox: Mutex<Outbox>,
+    /// `outbound_queue`: senders wait while the outbox holds this many.
+    outbound_limit: usize,
+}
+
+/// The queue from the driver to the application. No channel: the driver
+/// pushes under a short lock and wakes the application's task; `recv` pops.
+/// Bounded by the byte budget alone (`unread`), which is what pauses the
+/// driver's reading.
+#[derive(Debug, Default)]
+struct Inbox {
+    messages: VecDeque<Message>,
+    /// The driver has ended: once `messages` is empty, `recv` gives `None`.
+    ended: bool,
+}
+
+/// The queue from the application's senders to the driver.
+#[derive(Debug, Default)]
+struct Outbox {
+    commands: VecDeque<Command>,
+    /// The driver takes nothing new (it left `Open`, or the application
+    /// dropped its `Connection`): senders get `Error::is_closed`.
+    closed: bool,
+}
+
+/// A queue keeps at most this many slots' capacity once drained: a few
+/// messages in flight cost no allocation each, and an idle connection
+/// holds little.
+const KEEP_SLOTS: usize = 4;
+
+fn drained<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
+        *queue = VecDeque::new();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still
+    // consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The read waker: see [`Shared::read_waker`].
@@ -81,7 +123,7 @@ impl Wake for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(opened: Instant, inbound_limit: usize) -> Self {
+    pub(crate) fn new(opened: Instant, inbound_limit: usize, outbound_limit: usize) -> Self {
         Self {
             opened,
             pings_sent: AtomicU64::new(0),
@@ -98,14 +140,140 @@ impl Shared {
             inbound_limit,
             reader: AtomicWaker::new(),
             read_woken: AtomicBool::new(true),
-            leftover: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox::default()),
+            app: AtomicWaker::new(),
+            outbox: Mutex::new(Outbox::default()),
+            outbound_limit,
         }
     }
 
-    /// The driver read `bytes` of data for the application.
-    pub(crate) fn read(&self, bytes: usize) {
-        self.unread.fetch_add(bytes, Relaxed);
+    // ----- the inbox: driver -> application -----
+
+    /// The driver read `message` for the application.
+    pub(crate) fn deliver(&self, message: Message) {
+        self.unread.fetch_add(message.len(), Relaxed);
+        lock(&self.inbox).messages.push_back(message);
+        self.app.wake();
     }
+
+    /// The driver has ended: `recv` gives `None` after the last message.
+    pub(crate) fn end_inbox(&self) {
+        lock(&self.inbox).ended = true;
+        self.app.wake();
+    }
+
+    /// The next message, `None` at the end, or `Pending` with the
+    /// application's task registered.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        if let Some(taken) = self.try_take() {
+            return Poll::Ready(taken);
+        }
+        // Register, then look again: a delivery in between wakes us.
+        self.app.register(cx.waker());
+        self.try_take().map_or(Poll::Pending, Poll::Ready)
+    }
+
+    /// `Some(Some(message))`, `Some(None)` at the end, `None` for now.
+    fn try_take(&self) -> Option<Option<Message>> {
+        let mut inbox = lock(&self.inbox);
+        match inbox.messages.pop_front() {
+            Some(message) => {
+                drained(&mut inbox.messages);
+                drop(inbox);
+                self.took(message.len());
+                Some(Some(message))
+            }
+            None => inbox.ended.then_some(None),
+        }
+    }
+
+    // ----- the outbox: senders -> driver -----
+
+    /// Queues `command` for the driver, waiting while the outbox is full.
+    async fn queue(&self, command: Command) -> Result<(), Error> {
+        match self.try_queue(command) {
+            Ok(()) => Ok(()),
+            // The rare path is boxed: the wait's state would otherwise sit
+            // in every future that sends, idle connections' included.
+            Err(Some(command)) => Box::pin(self.queue_when_room(command)).await,
+            Err(None) => Err(Error::closed()),
+        }
+    }
+
+    /// Queues `command` if there is room; gives it back if the outbox is
+    /// full, `Err(None)` if it is closed.
+    fn try_queue(&self, command: Command) -> Result<(), Option<Command>> {
+        let mut outbox = lock(&self.outbox);
+        if outbox.closed {
+            return Err(None);
+        }
+        if outbox.commands.len() >= self.outbound_limit {
+            return Err(Some(command));
+        }
+        outbox.commands.push_back(command);
+        drop(outbox);
+        self.reader.wake();
+        Ok(())
+    }
+
+    async fn queue_when_room(&self, command: Command) -> Result<(), Error> {
+        let mut command = Some(command);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Register, then look again: a pop in between wakes us.
+            notified.as_mut().enable();
+            match self.try_queue(command.take().expect("kept until queued")) {
+                Ok(()) => return Ok(()),
+                Err(None) => return Err(Error::closed()),
+                Err(back) => command = back,
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the outbox holds nothing.
+    pub(crate) fn outbox_is_empty(&self) -> bool {
+        lock(&self.outbox).commands.is_empty()
+    }
+
+    /// The oldest queued command, if any; frees room for a waiting sender.
+    pub(crate) fn next_command(&self) -> Option<Command> {
+        let mut outbox = lock(&self.outbox);
+        let was_full = outbox.commands.len() >= self.outbound_limit;
+        let command = outbox.commands.pop_front();
+        drained(&mut outbox.commands);
+        drop(outbox);
+        if was_full && command.is_some() {
+            self.notify.notify_waiters();
+        }
+        command
+    }
+
+    /// Takes nothing new: waiting and later senders get `is_closed` (what
+    /// is queued stays, for the driver to write).
+    pub(crate) fn close_outbox(&self) {
+        let newly = !std::mem::replace(&mut lock(&self.outbox).closed, true);
+        if newly {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn outbox_closed(&self) -> bool {
+        lock(&self.outbox).closed
+    }
+
+    /// The application dropped its `Connection` (`panicking`: while its
+    /// task panicked): the driver closes once the outbox is written.
+    fn app_dropped(&self, panicking: bool) {
+        if panicking {
+            self.app_panicked.store(true, Relaxed);
+        }
+        self.app_gone.store(true, Release);
+        self.reader.wake();
+    }
+
+    // ----- the byte budget -----
 
     /// Whether the unread bytes have reached the inbound budget (the driver
     /// then stops reading).
@@ -146,21 +314,6 @@ impl Shared {
         if before >= self.inbound_limit {
             self.reader.wake();
         }
-    }
-
-    /// Hands the driver's backlog to the application, at the end.
-    pub(crate) fn hand_over(&self, backlog: VecDeque<Inbound>) {
-        if !backlog.is_empty() {
-            *self.leftover.lock().unwrap_or_else(|e| e.into_inner()) = backlog;
-        }
-    }
-
-    /// The next message of the handed-over backlog.
-    fn next_leftover(&self) -> Option<Inbound> {
-        self.leftover
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
     }
 
     /// Publishes the heartbeat counters (called on pings and pongs only).
@@ -210,16 +363,6 @@ pub(crate) enum Command {
     Close(Option<CloseFrame>),
 }
 
-// The queues carry boxes: tokio's mpsc allocates its first block of 32 slots
-// when the channel is created, so the slot size is paid by every idle
-// connection (32 x ~60 B per queue unboxed, 32 x 8 B boxed). One small
-// allocation per message is the cheaper side of that trade (docs/benchmarks.md).
-
-/// What travels from the driver to the application.
-pub(crate) type Inbound = Box<Message>;
-/// What travels from the application to the driver.
-pub(crate) type Outbound = Box<Command>;
-
 // ===== impl Sender =====
 
 /// A cloneable handle that sends on one connection; many tasks may hold one.
@@ -230,15 +373,15 @@ pub(crate) type Outbound = Box<Command>;
 /// held across an await.
 #[derive(Clone)]
 pub struct Sender {
-    tx: mpsc::Sender<Outbound>,
+    shared: std::sync::Arc<Shared>,
     id: ConnectionId,
     write_buffer_limit: usize,
 }
 
 impl Sender {
-    pub(crate) fn new(tx: mpsc::Sender<Outbound>, id: ConnectionId, limit: usize) -> Self {
+    pub(crate) fn new(shared: std::sync::Arc<Shared>, id: ConnectionId, limit: usize) -> Self {
         Self {
-            tx,
+            shared,
             id,
             write_buffer_limit: limit,
         }
@@ -269,10 +412,7 @@ impl Sender {
         if message.len() > self.write_buffer_limit {
             return Err(Error::invalid("message larger than the write-buffer limit"));
         }
-        self.tx
-            .send(Box::new(Command::Send(message)))
-            .await
-            .map_err(|_| Error::closed())
+        self.shared.queue(Command::Send(message)).await
     }
 
     /// Starts the closing handshake with `code` and `reason` (cut to 123
@@ -298,15 +438,12 @@ impl Sender {
             }),
             _ => return Err(Error::invalid("close code not allowed on the wire")),
         };
-        self.tx
-            .send(Box::new(Command::Close(frame)))
-            .await
-            .map_err(|_| Error::closed())
+        self.shared.queue(Command::Close(frame)).await
     }
 
     /// Whether the connection has stopped taking messages.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.shared.outbox_closed()
     }
 }
 
@@ -314,7 +451,7 @@ impl fmt::Debug for Sender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
             .field("id", &self.id)
-            .field("closed", &self.tx.is_closed())
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -342,8 +479,8 @@ impl fmt::Debug for Sender {
 /// task panics closes it with 1011 (reason
 /// [`Internal`](crate::CloseReason::Internal), local).
 ///
-/// If the application stops taking messages, its queue fills and the
-/// supervisor keeps reading into a backlog, within
+/// If the application stops taking messages, the supervisor keeps reading
+/// into its queue, within
 /// [`inbound_buffer_limit`](crate::ConfigBuilder::inbound_buffer_limit)
 /// bytes, so a silent peer is still found. Beyond that budget it stops
 /// reading (TCP pushes back on the peer) and suspends the pong deadline —
@@ -353,7 +490,6 @@ impl fmt::Debug for Sender {
 /// reading". Messages read before the end are never lost: `recv` yields
 /// them all before `None`. See `docs/keepalive.md`.
 pub struct Connection {
-    rx: mpsc::Receiver<Inbound>,
     sender: Sender,
     shared: std::sync::Arc<Shared>,
     peer_addr: Option<SocketAddr>,
@@ -394,14 +530,12 @@ impl Role {
 
 impl Connection {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Inbound>,
         sender: Sender,
         shared: std::sync::Arc<Shared>,
         peer_addr: Option<SocketAddr>,
         protocol: Option<Box<str>>,
     ) -> Self {
         Self {
-            rx,
             sender,
             shared,
             peer_addr,
@@ -439,17 +573,8 @@ impl Connection {
         std::future::poll_fn(|cx| self.poll_take(cx)).await
     }
 
-    /// The next message: from the queue, then, once the driver has ended,
-    /// from the backlog it handed over.
     fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        let message = match ready!(self.rx.poll_recv(cx)) {
-            Some(message) => Some(message),
-            None => self.shared.next_leftover(),
-        };
-        Poll::Ready(message.map(|m| {
-            self.shared.took(m.len());
-            *m
-        }))
+        self.shared.poll_take(cx)
     }
 
     /// Queues a message; see [`Sender::send`].
@@ -519,11 +644,7 @@ impl Stream for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.shared.app_panicked.store(true, Relaxed);
-        }
-        self.shared.app_gone.store(true, Release);
-        // Dropping `rx` next is what tells the driver to close.
+        self.shared.app_dropped(std::thread::panicking());
     }
 }
 
@@ -535,5 +656,85 @@ impl fmt::Debug for Connection {
             .field("protocol", &self.protocol)
             .field("closed", &self.shared.event().is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn shared(outbound: usize) -> Arc<Shared> {
+        Arc::new(Shared::new(Instant::now(), 1024, outbound))
+    }
+
+    fn text(s: &str) -> Command {
+        Command::Send(Message::text(s))
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_makes_senders_wait_until_the_driver_takes_one() {
+        let s = shared(2);
+        s.queue(text("a")).await.unwrap();
+        s.queue(text("b")).await.unwrap();
+        let mut third = Box::pin(s.queue(text("c")));
+        assert!(
+            (&mut third).now_or_never().is_none(),
+            "full: the sender waits"
+        );
+        assert!(matches!(s.next_command(), Some(Command::Send(m)) if m == Message::text("a")));
+        // The pop freed a slot and woke the waiter.
+        assert!(third.await.is_ok());
+        let order: Vec<_> = std::iter::from_fn(|| s.next_command()).collect();
+        assert!(matches!(&order[..], [Command::Send(b), Command::Send(c)]
+            if *b == Message::text("b") && *c == Message::text("c")));
+    }
+
+    #[tokio::test]
+    async fn closing_the_outbox_fails_waiting_and_later_senders_but_keeps_the_queue() {
+        let s = shared(1);
+        s.queue(text("a")).await.unwrap();
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { s.queue(text("b")).await }
+        });
+        tokio::task::yield_now().await;
+        s.close_outbox();
+        assert!(waiting.await.unwrap().unwrap_err().is_closed());
+        assert!(s.queue(text("c")).await.unwrap_err().is_closed());
+        assert!(s.next_command().is_some(), "what was queued stays");
+        assert!(s.next_command().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_inbox_yields_every_message_then_none_once_ended() {
+        let s = shared(1);
+        s.deliver(Message::text("x"));
+        s.deliver(Message::binary(vec![1u8; 10]));
+        assert_eq!(s.unread.load(Relaxed), 11);
+        s.end_inbox();
+        let take = || std::future::poll_fn(|cx| s.poll_take(cx));
+        assert_eq!(take().await, Some(Message::text("x")));
+        assert_eq!(take().await, Some(Message::binary(vec![1u8; 10])));
+        assert_eq!(take().await, None);
+        assert_eq!(s.unread.load(Relaxed), 0, "taken messages leave the budget");
+        assert_eq!(
+            lock(&s.inbox).messages.capacity(),
+            4,
+            "a drained queue keeps a few slots"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_wakes_a_waiting_receiver() {
+        let s = shared(1);
+        let receiver = tokio::spawn({
+            let s = s.clone();
+            async move { std::future::poll_fn(|cx| s.poll_take(cx)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!receiver.is_finished());
+        s.deliver(Message::text("late"));
+        assert_eq!(receiver.await.unwrap(), Some(Message::text("late")));
     }
 }

@@ -1,7 +1,6 @@
 //! The per-connection task: wires the heartbeat, the verdict and the hooks
 //! to one socket. See [`Driver`].
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -10,17 +9,14 @@ use std::task::{Context, Poll, Waker};
 
 use futures::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
-use tokio_util::sync::PollSender;
 
 use crate::app_heartbeat::{Heard, unsendable};
 use crate::close::Cause;
-use crate::connection::{Command, Inbound, Outbound, Shared};
+use crate::connection::{Command, Shared};
 use crate::error::Error;
 use crate::guard::CloseGuard;
 use crate::heartbeat::{Heartbeat, OverdueReads, Pong};
@@ -116,16 +112,9 @@ enum Phase {
     Done,
 }
 
-/// Delivery to the application: its bounded queue, the backlog read while
-/// the queue was full, and the byte budget that bounds both.
+/// The read side and delivery to the application (through the inbox in
+/// [`Shared`], bounded by the byte budget).
 struct ToApp {
-    tx: mpsc::Sender<Inbound>,
-    /// Messages read while the queue was full, oldest first. Reading goes
-    /// on (pongs are still seen) while the unread bytes stay within
-    /// `inbound_buffer_limit`.
-    backlog: VecDeque<Inbound>,
-    /// Waits for room in the queue while the backlog is not empty.
-    room: Option<PollSender<Inbound>>,
     /// Since when reading has been paused for the budget; the application
     /// has `ping_interval + pong_timeout` from then to take a message.
     paused_since: Option<Instant>,
@@ -142,13 +131,11 @@ struct ToApp {
     armed: bool,
 }
 
-/// Commands from the application's `Sender`s.
+/// Commands from the application's `Sender`s (the outbox in [`Shared`]).
 struct FromApp {
-    rx: mpsc::Receiver<Outbound>,
-    /// The queue holds our waker (its last poll was `Pending` with budget
-    /// left): an empty queue needs no poll until a send wakes us.
-    registered: bool,
-    /// The queue was closed to new sends on leaving [`Phase::Open`].
+    /// The application dropped its `Connection`, and we saw it.
+    gone: bool,
+    /// The outbox was closed to new sends on leaving [`Phase::Open`].
     refused: bool,
 }
 
@@ -198,8 +185,6 @@ where
         shared: Arc<Shared>,
         id: ConnectionId,
         peer_addr: Option<SocketAddr>,
-        to_app: mpsc::Sender<Inbound>,
-        from_app: mpsc::Receiver<Outbound>,
         slot: Slot,
         probe: Probe<S>,
     ) -> Self {
@@ -225,9 +210,6 @@ where
             hb,
             phase: Phase::Open,
             to_app: ToApp {
-                tx: to_app,
-                backlog: VecDeque::new(),
-                room: None,
                 paused_since: None,
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
@@ -235,8 +217,7 @@ where
                 armed: false,
             },
             from_app: FromApp {
-                rx: from_app,
-                registered: false,
+                gone: false,
                 refused: false,
             },
             last_close: probe.last_close,
@@ -265,12 +246,7 @@ where
             {
                 let mut sleep = pin!(tokio::time::sleep_until(self.hb.next_wakeup()));
                 let mut shutdown = pin!(Signal::new(self.state.shutdown().begun()));
-                let probe = self.to_app.tx.clone();
-                let mut app_gone = pin!(Signal::new(probe.closed()));
-                std::future::poll_fn(|cx| {
-                    self.poll(cx, sleep.as_mut(), shutdown.as_mut(), app_gone.as_mut())
-                })
-                .await;
+                std::future::poll_fn(|cx| self.poll(cx, sleep.as_mut(), shutdown.as_mut())).await;
             }
             // Dropping `self` now drops the transport first, then the guard,
             // which runs the hooks: they see a closed connection.
@@ -281,20 +257,19 @@ where
 
     /// The steps, in order, until none makes progress and the next timer is
     /// armed.
-    fn poll<A, B>(
+    fn poll<A>(
         &mut self,
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
         mut shutdown: Pin<&mut Signal<A>>,
-        mut app_gone: Pin<&mut Signal<B>>,
     ) -> Poll<()>
     where
         A: Future<Output = ()>,
-        B: Future<Output = ()>,
     {
-        // Whatever woke us, the socket's wakes reach this task through the
-        // read waker: register the task with it, then see whether it was
-        // one of them.
+        // Whatever woke us, the socket's wakes and the application's (a
+        // send, a take, a drop) reach this task through the waker in
+        // `Shared`: register the task there, then see whether the socket
+        // was among them.
         self.shared.register_driver(cx.waker());
         if self.shared.take_read_wake() {
             self.to_app.armed = false;
@@ -303,8 +278,7 @@ where
             let now = Instant::now();
             let mut progress = false;
             progress |= self.poll_shutdown(cx, shutdown.as_mut(), now);
-            progress |= self.poll_app_gone(cx, app_gone.as_mut(), now);
-            progress |= self.poll_backlog(cx);
+            progress |= self.poll_app_gone(now);
             progress |= self.poll_read(now);
             progress |= self.poll_commands(cx, now);
             // Timers before the flush: a ping or Close they queue goes out
@@ -390,25 +364,17 @@ where
 
     /// What the application queued before dropping its `Connection`
     /// (messages, a Close with its own code) goes out first; then we close.
-    fn poll_app_gone<B>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut app_gone: Pin<&mut Signal<B>>,
-        now: Instant,
-    ) -> bool
-    where
-        B: Future<Output = ()>,
-    {
+    fn poll_app_gone(&mut self, now: Instant) -> bool {
         if self.phase != Phase::Open {
             return false;
         }
-        let hint = self.shared.app_gone.load(Acquire);
-        if app_gone.as_mut().poll_fire(cx, hint) {
+        if !self.from_app.gone && self.shared.app_gone.load(Acquire) {
             // Write what was queued, but take nothing new: other `Sender`s
             // must not keep a dropped connection open.
-            self.from_app.rx.close();
+            self.from_app.gone = true;
+            self.shared.close_outbox();
         }
-        if !app_gone.has_fired() || !self.from_app.rx.is_empty() {
+        if !self.from_app.gone || !self.shared.outbox_is_empty() {
             return false;
         }
         let until = now + self.state.config().close_timeout();
@@ -421,37 +387,6 @@ where
     }
 
     // ===== inbound =====
-
-    /// Moves backlog messages into the queue as it frees room; returns
-    /// whether any moved.
-    fn poll_backlog(&mut self, cx: &mut Context<'_>) -> bool {
-        let to_app = &mut self.to_app;
-        let mut progress = false;
-        while !to_app.backlog.is_empty() {
-            let room = to_app
-                .room
-                .get_or_insert_with(|| PollSender::new(to_app.tx.clone()));
-            match room.poll_reserve(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(())) => {
-                    let message = to_app.backlog.pop_front().expect("not empty");
-                    // Cannot fail after a successful reserve.
-                    let _ = room.send_item(message);
-                    progress = true;
-                }
-                // The application is gone: `app_gone` sees it.
-                Poll::Ready(Err(_)) => {
-                    to_app.backlog.clear();
-                    break;
-                }
-            }
-        }
-        if to_app.backlog.is_empty() {
-            // Holds a sender and a slot: only while there is a backlog.
-            to_app.room = None;
-        }
-        progress
-    }
 
     /// Whether reading pauses for the inbound byte budget (only while open:
     /// once closing we must read the peer's Close reply, and data is
@@ -624,27 +559,18 @@ where
         }
     }
 
-    /// Hands a data message to the application's queue, or to the backlog
-    /// behind it when the queue is full (counted against the byte budget
-    /// either way).
+    /// Hands a data message to the application (counted against the byte
+    /// budget until it takes it). Once closing, only within the budget
+    /// (reading no longer pauses for it); once the application is gone,
+    /// nobody will read it.
     fn deliver(&mut self, message: Message) {
-        let to_app = &mut self.to_app;
-        let len = message.len();
-        let message = Box::new(message);
-        if !to_app.backlog.is_empty() && self.phase == Phase::Open {
-            self.shared.read(len);
-            to_app.backlog.push_back(message);
+        if self.from_app.gone || self.shared.app_gone.load(Relaxed) {
             return;
         }
-        match to_app.tx.try_send(message) {
-            Ok(()) => self.shared.read(len),
-            Err(TrySendError::Full(message)) if self.phase == Phase::Open => {
-                self.shared.read(len);
-                to_app.backlog.push_back(message);
-            }
-            // Closing, or the application is gone: nobody will read it.
-            Err(_) => {}
+        if self.phase != Phase::Open && self.shared.over_budget() {
+            return;
         }
+        self.shared.deliver(message);
     }
 
     fn on_read_error(&mut self, e: WsError, now: Instant) {
@@ -664,10 +590,10 @@ where
             if self.phase != Phase::Open {
                 break;
             }
-            // Nothing queued since the queue last took our waker (and no
-            // blocked write side for `poll_ready` to clear): nothing to do.
+            // Nothing queued (a send wakes us), and no blocked write side
+            // for `poll_ready` to clear: nothing to do.
             let idle_write = self.write.dirty || self.write.blocked_since.is_none();
-            if self.from_app.registered && self.from_app.rx.is_empty() && idle_write {
+            if idle_write && self.shared.outbox_is_empty() {
                 break;
             }
             match Pin::new(&mut self.ws).poll_ready(cx) {
@@ -684,19 +610,15 @@ where
                 Poll::Ready(Ok(())) if !self.write.dirty => self.write.blocked_since = None,
                 Poll::Ready(Ok(())) => {}
             }
-            if self.from_app.registered && self.from_app.rx.is_empty() {
-                break;
-            }
-            self.from_app.registered = false;
-            match self.from_app.rx.poll_recv(cx).map(|c| c.map(|c| *c)) {
-                Poll::Ready(Some(Command::Send(message))) => {
+            match self.shared.next_command() {
+                Some(Command::Send(message)) => {
                     progress = true;
                     let metrics = self.state.metrics();
                     metrics.messages_sent.increment(1);
                     metrics.bytes_sent.increment(message.len() as u64);
                     self.start_send(message);
                 }
-                Poll::Ready(Some(Command::Close(frame))) => {
+                Some(Command::Close(frame)) => {
                     progress = true;
                     let code = frame.as_ref().map(|f| f.code);
                     let text = frame
@@ -706,16 +628,7 @@ where
                     let until = now + self.state.config().close_timeout();
                     self.send_close(frame, until);
                 }
-                Poll::Pending => {
-                    // A Pending from tokio's cooperative budget registered
-                    // nothing (the task was woken to run again instead):
-                    // only a Pending with budget left holds our waker.
-                    self.from_app.registered = tokio::task::coop::has_budget_remaining();
-                    break;
-                }
-                // Every sender is gone, including the `Connection`'s own:
-                // `app_gone` handles it.
-                Poll::Ready(None) => break,
+                None => break,
             }
         }
         progress
@@ -725,7 +638,7 @@ where
     /// errors instead of a silent drop.
     fn refuse_sends_once_closing(&mut self) {
         if self.phase != Phase::Open && !self.from_app.refused {
-            self.from_app.rx.close();
+            self.shared.close_outbox();
             self.from_app.refused = true;
         }
     }
@@ -987,10 +900,10 @@ where
 impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
     fn drop(&mut self) {
         self.shared.unregister_driver();
-        // Messages read but not yet queued are the application's: it gets
-        // them after the queued ones.
-        self.shared
-            .hand_over(std::mem::take(&mut self.to_app.backlog));
+        // The application gets what was read, then `None`; its senders get
+        // `is_closed`.
+        self.shared.end_inbox();
+        self.shared.close_outbox();
         if self.phase == Phase::Done || std::thread::panicking() {
             return;
         }

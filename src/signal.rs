@@ -7,14 +7,13 @@ use std::task::Context;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// A future that fires once (the supervisor's shutdown, the application
-    /// dropping its `Connection`), after mini-redis's `Shutdown`: the future,
+    /// A future that fires once (the supervisor's shutdown), after mini-redis's `Shutdown`: the future,
     /// a latch that remembers it fired, and the cheap check that spares a
     /// poll.
     ///
     /// The driver's loop runs on every heartbeat of every connection, and
     /// polling these futures takes a lock. Once a poll returned `Pending`,
-    /// the future holds our waker until it fires; both sources also set an
+    /// the future holds our waker until it fires; the source also sets an
     /// atomic flag *before* firing. So after the first `Pending`, the future
     /// is polled again only when that flag (the `hint`) says it may be ready.
     #[derive(Debug)]
@@ -55,7 +54,8 @@ impl<F: Future<Output = ()>> Signal<F> {
     }
 
     /// Whether it has fired (the latch).
-    pub(crate) fn has_fired(&self) -> bool {
+    #[cfg(test)]
+    fn has_fired(&self) -> bool {
         self.fired
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 
@@ -214,10 +213,12 @@ impl Supervisor {
         let state = &self.state;
         let config = state.config();
         let id = state.next_id();
-        let shared = Arc::new(Shared::new(Instant::now(), config.inbound_buffer_limit()));
-        let (in_tx, in_rx) = mpsc::channel(config.inbound_queue());
-        let (out_tx, out_rx) = mpsc::channel(config.outbound_queue());
-        let sender = Sender::new(out_tx, id, config.write_buffer_limit());
+        let shared = Arc::new(Shared::new(
+            Instant::now(),
+            config.inbound_buffer_limit(),
+            config.outbound_queue(),
+        ));
+        let sender = Sender::new(shared.clone(), id, config.write_buffer_limit());
         // Nothing at all without the `tracing` feature (see `trace.rs`).
         let span = crate::trace::ConnSpan::new(
             id,
@@ -236,8 +237,6 @@ impl Supervisor {
                 shared.clone(),
                 id,
                 peer_addr,
-                in_tx,
-                out_rx,
                 slot,
                 probe,
             );
@@ -250,13 +249,7 @@ impl Supervisor {
             self.refuse_upgraded(ws, HandshakeFailure::ShuttingDown);
             return Err(state.fail_handshake(HandshakeFailure::ShuttingDown, None));
         }
-        Ok(Connection::new(
-            in_rx,
-            sender,
-            shared,
-            peer_addr,
-            info.protocol,
-        ))
+        Ok(Connection::new(sender, shared, peer_addr, info.protocol))
     }
 
     /// Refuses an upgraded stream in the background: its Close (1001 or

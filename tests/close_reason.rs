@@ -540,19 +540,22 @@ async fn send_refuses_control_frames_and_oversized_messages() {
 
 // ===== regressions found in review (each pins a bug that existed) =====
 
-/// Our full inbound queue must not stop us reading the peer's Close reply.
+/// Our full inbound queue (its byte budget) must not stop us reading the
+/// peer's Close reply.
 #[tokio::test(start_paused = true)]
 async fn normal__application_close_while_inbound_queue_full() {
     let config = Config::builder()
-        .inbound_queue(1)
         .close_timeout(2 * SEC)
+        .max_message_size(64)
+        .max_frame_size(64)
+        .inbound_buffer_limit(64)
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);
     let (conn, mut peer) = accept_ws(&sup).await;
-    // One message fills the queue, the next is held back: reading pauses.
-    peer.send(Message::text("a")).await.unwrap();
-    peer.send(Message::text("b")).await.unwrap();
+    // One message fills the budget, the next is held back: reading pauses.
+    peer.send(Message::text("a".repeat(64))).await.unwrap();
+    peer.send(Message::text("b".repeat(64))).await.unwrap();
     sleep(10 * MS).await;
     conn.close(CloseCode::Normal, "bye").await.unwrap();
     let client = tokio::spawn(async move { while let Some(Ok(_)) = peer.next().await {} });

@@ -209,7 +209,6 @@ impl Run {
             .max_message_size(1024)
             .max_frame_size(512)
             .write_buffer_limit(4096)
-            .inbound_queue(8)
             .close_timeout(2 * SEC / s)
             .write_timeout(3 * SEC / s)
             .build()

@@ -599,7 +599,6 @@ async fn python_server_flood_while_our_app_does_not_read_blames_our_app() {
     ])
     .await;
     let config = heartbeat(PING, PONG)
-        .inbound_queue(1)
         .max_message_size(256)
         .max_frame_size(256)
         .inbound_buffer_limit(256)

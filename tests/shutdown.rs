@@ -418,13 +418,18 @@ async fn exactly_once_for_1200_concurrent_random_endings_multi_thread() {
 /// the 1001 reply, so a cooperative client was forced at the end of grace.
 #[tokio::test(start_paused = true)]
 async fn shutdown_with_a_full_inbound_queue_is_not_forced() {
-    let config = Config::builder().inbound_queue(1).build().unwrap();
+    let config = Config::builder()
+        .max_message_size(64)
+        .max_frame_size(64)
+        .inbound_buffer_limit(64)
+        .build()
+        .unwrap();
     let (sup, _events) = supervisor(config);
     let (_conn, mut peer) = accept_ws(&sup).await;
-    futures::SinkExt::send(&mut peer, Message::text("a"))
+    futures::SinkExt::send(&mut peer, Message::text("a".repeat(64)))
         .await
         .unwrap();
-    futures::SinkExt::send(&mut peer, Message::text("b"))
+    futures::SinkExt::send(&mut peer, Message::text("b".repeat(64)))
         .await
         .unwrap();
     tokio::time::sleep(10 * MS).await;
