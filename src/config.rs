@@ -63,6 +63,9 @@ pub struct Config {
     inbound_queue: usize,
     inbound_buffer_limit: usize,
     outbound_queue: usize,
+    drain_window: Duration,
+    drain_batches: Option<usize>,
+    drain_close_code: u16,
 }
 
 impl Default for Config {
@@ -151,6 +154,20 @@ impl Config {
     pub const fn outbound_queue(&self) -> usize {
         self.outbound_queue
     }
+    /// The window over which [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// spreads its closes (`Duration::ZERO`: everyone at once).
+    pub const fn drain_window(&self) -> Duration {
+        self.drain_window
+    }
+    /// In how many equal batches the drain window closes connections
+    /// (`None`: at a steady rate).
+    pub const fn drain_batches(&self) -> Option<usize> {
+        self.drain_batches
+    }
+    /// The close code a shutdown sends.
+    pub const fn drain_close_code(&self) -> u16 {
+        self.drain_close_code
+    }
 
     /// How long reading may stay paused for `inbound_buffer_limit` before
     /// the application is blamed: one whole heartbeat.
@@ -225,6 +242,9 @@ pub struct ConfigBuilder {
     inbound_queue: usize,
     inbound_buffer_limit: usize,
     outbound_queue: usize,
+    drain_window: Duration,
+    drain_batches: Option<usize>,
+    drain_close_code: u16,
 }
 
 impl Default for ConfigBuilder {
@@ -254,6 +274,9 @@ impl ConfigBuilder {
             inbound_queue: 32,
             inbound_buffer_limit: 4 << 20,
             outbound_queue: 64,
+            drain_window: Duration::ZERO,
+            drain_batches: None,
+            drain_close_code: 1001,
         }
     }
 
@@ -484,13 +507,67 @@ impl ConfigBuilder {
         self
     }
 
+    /// Spreads the closes of [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// over `window`, so that a rolling restart of a fleet does not send
+    /// every client back at the same second (see `docs/operations.md`).
+    ///
+    /// Each open connection gets a planned close time within the window, a
+    /// fixed function of the connection's id and the supervisor's random
+    /// seed, spread evenly (see [`drain_batches`](Self::drain_batches) for
+    /// steps instead of a steady rate). Until its time comes, a connection
+    /// works as before (messages, heartbeat); a connection already closing
+    /// is left alone. At its time it is sent the Close of
+    /// [`drain_close_code`](Self::drain_close_code) and has
+    /// [`close_timeout`](Self::close_timeout) for the closing handshake.
+    /// The `grace` given to `shutdown` counts from the **end** of the
+    /// window: whatever is still open or closing `window + grace` after the
+    /// shutdown began is dropped (and counted as forced). New connections
+    /// are refused from the start of the shutdown. At most a week.
+    ///
+    /// # Default
+    /// `Duration::ZERO`: no drain. Every connection is sent its Close at
+    /// once and has the whole `grace` to answer.
+    pub const fn drain_window(mut self, window: Duration) -> Self {
+        self.drain_window = window;
+        self
+    }
+
+    /// Closes the drain window's connections in `batches` equal steps,
+    /// `window / batches` apart, the first at the start of the shutdown
+    /// (Phoenix's drainer style), instead of at a steady rate. Each batch
+    /// holds about `1 / batches` of the connections. Must be at least 1;
+    /// has no effect without a [`drain_window`](Self::drain_window).
+    ///
+    /// # Default
+    /// Unset: a steady rate, each connection at its own instant.
+    pub const fn drain_batches(mut self, batches: usize) -> Self {
+        self.drain_batches = Some(batches);
+        self
+    }
+
+    /// The close code [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// sends, drained or not: 1001 (going away), 1012 (service restart:
+    /// "come back", the hint reconnecting clients honour), 1013 (try again
+    /// later), 1000, or an application code 3000–4999. Other codes mean an
+    /// error or are not for servers to send, and are refused by `build()`.
+    /// The close hook reports [`GoingAway`](crate::CloseReason::GoingAway),
+    /// local, whatever the code (the event's `code_sent` has it).
+    ///
+    /// # Default
+    /// 1001, text "server shutting down" (1012 sends "service restart").
+    pub const fn drain_close_code(mut self, code: u16) -> Self {
+        self.drain_close_code = code;
+        self
+    }
+
     /// Checks the combination and builds the [`Config`].
     ///
     /// # Errors
     /// A [`ConfigError`] naming the first invalid setting: a zero duration,
     /// jitter above the interval, a zero size or count, a frame limit above
     /// the message limit, a write-buffer limit below the read buffer, or an
-    /// origin that is not `scheme://host[:port]`.
+    /// origin that is not `scheme://host[:port]`, or a drain close code a
+    /// server should not send.
     pub fn build(self) -> Result<Config, ConfigError> {
         for (name, value) in [
             ("ping_interval", self.ping_interval),
@@ -505,6 +582,15 @@ impl ConfigBuilder {
             if value > MAX_DURATION {
                 return Err(ConfigError::DurationTooLong(name));
             }
+        }
+        if self.drain_window > MAX_DURATION {
+            return Err(ConfigError::DurationTooLong("drain_window"));
+        }
+        if !matches!(
+            self.drain_close_code,
+            1000 | 1001 | 1012 | 1013 | 3000..=4999
+        ) {
+            return Err(ConfigError::InvalidDrainCloseCode(self.drain_close_code));
         }
         let ping_jitter = self.ping_jitter.unwrap_or(self.ping_interval / 10);
         if ping_jitter > self.ping_interval {
@@ -536,6 +622,7 @@ impl ConfigBuilder {
             ("outbound_queue", Some(self.outbound_queue)),
             ("max_connections", self.max_connections),
             ("max_handshakes_per_ip", self.max_handshakes_per_ip),
+            ("drain_batches", self.drain_batches),
         ] {
             if value == Some(0) {
                 return Err(ConfigError::ZeroCount(name));
@@ -591,6 +678,9 @@ impl ConfigBuilder {
             inbound_queue: self.inbound_queue,
             inbound_buffer_limit: self.inbound_buffer_limit,
             outbound_queue: self.outbound_queue,
+            drain_window: self.drain_window,
+            drain_batches: self.drain_batches,
+            drain_close_code: self.drain_close_code,
         })
     }
 }
@@ -667,6 +757,9 @@ pub enum ConfigError {
         /// The largest accepted.
         max: usize,
     },
+    /// The shutdown's close code is not one a server should send to say
+    /// "going away": 1000, 1001, 1012, 1013 or 3000–4999.
+    InvalidDrainCloseCode(u16),
     /// The write-buffer limit cannot hold control frames.
     WriteBufferTooSmall {
         /// The limit asked for.
@@ -702,6 +795,10 @@ impl fmt::Display for ConfigError {
             Self::ReadBufferTooLarge { size, max } => {
                 write!(f, "read_buffer_size ({size}) must not exceed {max} bytes")
             }
+            Self::InvalidDrainCloseCode(code) => write!(
+                f,
+                "drain_close_code {code} is not 1000, 1001, 1012, 1013 or 3000-4999"
+            ),
             Self::WriteBufferTooSmall { limit, min } => {
                 write!(
                     f,
@@ -816,6 +913,48 @@ mod tests {
             assert_eq!(err, ConfigError::ZeroCount(name));
             assert_eq!(err.to_string(), format!("{name} must be at least 1"));
         }
+    }
+
+    #[test]
+    fn the_drain_is_off_by_default_and_its_settings_are_validated() {
+        let c = Config::default();
+        assert_eq!(c.drain_window(), Duration::ZERO);
+        assert_eq!(c.drain_batches(), None);
+        assert_eq!(c.drain_close_code(), 1001);
+        let c = Config::builder()
+            .drain_window(Duration::from_secs(30))
+            .drain_batches(15)
+            .drain_close_code(1012)
+            .build()
+            .unwrap();
+        assert_eq!(c.drain_window(), Duration::from_secs(30));
+        assert_eq!(c.drain_batches(), Some(15));
+        assert_eq!(c.drain_close_code(), 1012);
+        for code in [1000, 1001, 1012, 1013, 3000, 4000, 4999] {
+            assert!(
+                Config::builder().drain_close_code(code).build().is_ok(),
+                "{code}"
+            );
+        }
+        for code in [0, 999, 1002, 1005, 1006, 1011, 1014, 1015, 2999, 5000] {
+            let err = Config::builder()
+                .drain_close_code(code)
+                .build()
+                .unwrap_err();
+            assert_eq!(err, ConfigError::InvalidDrainCloseCode(code));
+            assert!(err.to_string().contains(&code.to_string()), "{err}");
+        }
+        assert_eq!(
+            Config::builder().drain_batches(0).build().unwrap_err(),
+            ConfigError::ZeroCount("drain_batches")
+        );
+        assert_eq!(
+            Config::builder()
+                .drain_window(MAX_DURATION + Duration::from_secs(1))
+                .build()
+                .unwrap_err(),
+            ConfigError::DurationTooLong("drain_window")
+        );
     }
 
     #[test]
