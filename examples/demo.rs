@@ -12,6 +12,8 @@
 //! * `--ping-interval-ms N` — ping interval (default 1000);
 //! * `--pong-timeout-ms N` — pong timeout (default 1000);
 //! * `--no-simulate` — serve only: echo every text and binary message;
+//! * `--drain-window-ms N` — on Ctrl-C, spread the closes over N ms with
+//!   code 1012 "service restart" (default 0: 1001 to everyone at once);
 //! * `--metrics-listen ADDR` — where to serve Prometheus metrics, on every
 //!   path including `/metrics` (default `127.0.0.1:9000`).
 //!
@@ -44,16 +46,19 @@ struct Args {
     serve: ServeFlags,
     simulate: bool,
     metrics_listen: SocketAddr,
+    drain_window: Duration,
 }
 
-const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR]";
+const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR] [--drain-window-ms N]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut simulate = true;
+    let mut drain_window = Duration::ZERO;
     let mut metrics_listen: SocketAddr = "127.0.0.1:9000".parse().expect("valid default");
     let serve = ServeFlags::new("127.0.0.1:9001").parse(args, USAGE, |flag, value| {
         match flag {
             "--no-simulate" => simulate = false,
+            "--drain-window-ms" => drain_window = common::millis(&value()?)?,
             "--metrics-listen" => {
                 let v = value()?;
                 metrics_listen = v
@@ -68,6 +73,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         serve,
         simulate,
         metrics_listen,
+        drain_window,
     })
 }
 
@@ -77,7 +83,15 @@ async fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    let config = match args.serve.config() {
+    let config = match args.serve.config_with(|builder| {
+        if args.drain_window.is_zero() {
+            builder
+        } else {
+            builder
+                .drain_window(args.drain_window)
+                .drain_close_code(1012)
+        }
+    }) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -115,7 +129,11 @@ async fn main() -> ExitCode {
     if let Err(e) = tokio::signal::ctrl_c().await {
         eprintln!("cannot wait for Ctrl-C: {e}");
     }
-    println!("shutting down ({} live connections)", supervisor.len());
+    println!(
+        "shutting down ({} live connections, drain window {:?})",
+        supervisor.len(),
+        args.drain_window
+    );
     let summary = supervisor.shutdown(Duration::from_secs(5)).await;
     println!("shutdown: {summary}");
     ExitCode::SUCCESS
