@@ -880,9 +880,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
         }
         let cancelled = self.state.shutdown().is_cancelled();
         let cause = fallback_cause(cancelled, false);
-        let Some(frame) = close_frame(&cause) else {
+        let Some(mut frame) = close_frame(&cause) else {
             return;
         };
+        if cancelled {
+            // A shutdown says its own code (`drain_close_code`).
+            frame = shutdown_frame(self.state.config().drain_close_code());
+        }
         let text = frame.reason.to_string();
         if self.phase == Phase::Open {
             let code = frame.code;

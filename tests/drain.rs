@@ -377,6 +377,45 @@ async fn a_connection_already_closing_is_left_alone() {
     assert_eq!(summary.forced(), 0, "its own timeout, not the shutdown's");
 }
 
+/// The runtime dropped in the middle of a drain (the process exits before
+/// `shutdown` returns): a connection still waiting for its turn is told,
+/// best effort, with the drain's code, not 1001.
+#[test]
+fn a_runtime_dropped_mid_drain_still_sends_the_drain_code() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let rt = runtime();
+    let config = drained(3600 * SEC, 1012).build().unwrap();
+    let (sup, events) = recorder::supervisor(config, "drain-dropped");
+    let (conn, mut peer) = rt.block_on(accept_raw(&sup));
+    rt.block_on(async {
+        let s = sup.clone();
+        tokio::spawn(async move { s.shutdown(SEC).await });
+        // Let the shutdown begin and the driver see it (bounded).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(sup.is_shutting_down());
+    });
+    drop(rt);
+    let event = events.only();
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::GoingAway, Initiator::Local)
+    );
+    assert_eq!(event.code_sent, Some(CloseCode::Restart));
+    let frame = runtime()
+        .block_on(peer.read_frame())
+        .expect("a Close frame");
+    assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1012)));
+    assert_gauges_at_zero("drain-dropped");
+    drop(conn);
+}
+
 // ===== real sockets, real time =====
 
 /// The configured code reaches real tungstenite clients over 127.0.0.1, on
