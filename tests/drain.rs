@@ -416,6 +416,53 @@ fn a_runtime_dropped_mid_drain_still_sends_the_drain_code() {
     drop(conn);
 }
 
+/// The drain of 1000 connections on 2 worker threads in real time, over a
+/// 1 s window: outcomes only. Every connection is told 1012 once, no hook
+/// runs twice, and the shutdown gauge only ever falls (sampled every 50 ms,
+/// bounded), to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_of_1000_on_the_multi_thread_runtime() {
+    let label = "drain-1000-mt";
+    let (sup, events) = recorder::supervisor(drained(SEC, 1012).build().unwrap(), label);
+    let mut peers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let (conn, peer) = Net::Memory.accept_ws(&sup).await;
+        peers.push(ws_peer(peer));
+        conns.push(conn);
+    }
+    let shutdown = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.shutdown(10 * SEC).await }
+    });
+    let mut samples = Vec::new();
+    for _ in 0..400 {
+        if shutdown.is_finished() {
+            break;
+        }
+        if sup.is_shutting_down() {
+            samples.push(gauge(names::SHUTDOWN_REMAINING, label));
+        }
+        tokio::time::sleep(50 * MS).await;
+    }
+    let summary = shutdown.await.unwrap();
+    // The window alone lasts about a second: many samples, at least two.
+    assert!(samples.len() >= 2, "{samples:?}");
+    assert!(
+        samples.windows(2).all(|w| w[1] <= w[0]),
+        "the gauge only falls: {samples:?}"
+    );
+    assert_eq!(summary.count(CloseReason::GoingAway), 1000, "{summary}");
+    for peer in peers {
+        assert_eq!(peer.await.unwrap().code, Some(1012));
+    }
+    let mut ids: Vec<_> = events.all().iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000, "each hook ran once");
+    assert_gauges_at_zero(label);
+}
+
 // ===== real sockets, real time =====
 
 /// The configured code reaches real tungstenite clients over 127.0.0.1, on
