@@ -527,6 +527,43 @@ impl ConfigBuilder {
     /// # Default
     /// `Duration::ZERO`: no drain. Every connection is sent its Close at
     /// once and has the whole `grace` to answer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use tokio_tungstenite::WebSocketStream;
+    /// use ws_supervisor::tungstenite::protocol::Role;
+    /// use ws_supervisor::{CloseCode, Config, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = Config::builder()
+    ///     .drain_window(Duration::from_secs(30))
+    ///     .drain_close_code(1012) // "service restart": come back
+    ///     .build()?;
+    /// let supervisor = Supervisor::new(config);
+    /// # let (server, client) = tokio::io::duplex(4096);
+    /// # let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+    /// # let _conn = supervisor.supervise(ws, None).await?;
+    /// # let mut peer = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+    /// # let peer = tokio::spawn(async move {
+    /// #     let mut close = None;
+    /// #     // Pings come first if the turn is late; reading on flushes the Close reply.
+    /// #     while let Some(Ok(m)) = peer.next().await {
+    /// #         if m.is_close() { close.get_or_insert(m); }
+    /// #     }
+    /// #     close
+    /// # });
+    /// // On SIGTERM: the Closes go out over 30 s, then up to 10 s of grace.
+    /// let summary = supervisor.shutdown(Duration::from_secs(10)).await;
+    /// assert!(summary.elapsed() < Duration::from_secs(30));
+    /// # let close = peer.await?.unwrap();
+    /// # assert!(matches!(close, ws_supervisor::tungstenite::Message::Close(Some(f)) if f.code == CloseCode::Restart));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub const fn drain_window(mut self, window: Duration) -> Self {
         self.drain_window = window;
         self
