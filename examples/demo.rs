@@ -12,6 +12,8 @@
 //! * `--ping-interval-ms N` — ping interval (default 1000);
 //! * `--pong-timeout-ms N` — pong timeout (default 1000);
 //! * `--no-simulate` — serve only: echo every text and binary message;
+//! * `--drain-window-ms N` — on Ctrl-C, spread the closes over N ms with
+//!   code 1012 "service restart" (default 0: 1001 to everyone at once);
 //! * `--metrics-listen ADDR` — where to serve Prometheus metrics, on every
 //!   path including `/metrics` (default `127.0.0.1:9000`);
 //! * `--app-heartbeat` — heartbeat with JSON messages instead of ping
@@ -51,18 +53,21 @@ struct Args {
     simulate: bool,
     metrics_listen: SocketAddr,
     app_heartbeat: bool,
+    drain_window: Duration,
 }
 
-const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR] [--app-heartbeat]";
+const USAGE: &str = "usage: demo [--listen ADDR] [--ping-interval-ms N] [--pong-timeout-ms N] [--no-simulate] [--metrics-listen ADDR] [--app-heartbeat] [--drain-window-ms N]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut simulate = true;
     let mut app_heartbeat = false;
+    let mut drain_window = Duration::ZERO;
     let mut metrics_listen: SocketAddr = "127.0.0.1:9000".parse().expect("valid default");
     let serve = ServeFlags::new("127.0.0.1:9001").parse(args, USAGE, |flag, value| {
         match flag {
             "--no-simulate" => simulate = false,
             "--app-heartbeat" => app_heartbeat = true,
+            "--drain-window-ms" => drain_window = common::millis(&value()?)?,
             "--metrics-listen" => {
                 let v = value()?;
                 metrics_listen = v
@@ -78,6 +83,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         simulate,
         metrics_listen,
         app_heartbeat,
+        drain_window,
     })
 }
 
@@ -100,23 +106,24 @@ fn json_message(op: &str, nonce: u64) -> Message {
 
 /// The supervisor's config: the common flags, and the JSON heartbeat if asked.
 fn config(args: &Args) -> Result<Config, ExitCode> {
-    if !args.app_heartbeat {
-        return args.serve.config();
-    }
-    Config::builder()
-        .ping_interval(args.serve.ping_interval)
-        .pong_timeout(args.serve.pong_timeout)
-        .close_timeout(Duration::from_secs(2))
-        .app_heartbeat(
-            |nonce| json_message("ping", nonce),
-            |message| json_nonce(message, "pong").map(AppPong::Nonce),
-        )
-        .answer_app_pings(|message| json_nonce(message, "ping").map(|t| json_message("pong", t)))
-        .build()
-        .map_err(|e| {
-            eprintln!("invalid settings: {e}");
-            ExitCode::from(2)
-        })
+    args.serve.config_with(|mut builder| {
+        if args.app_heartbeat {
+            builder = builder
+                .app_heartbeat(
+                    |nonce| json_message("ping", nonce),
+                    |message| json_nonce(message, "pong").map(AppPong::Nonce),
+                )
+                .answer_app_pings(|message| {
+                    json_nonce(message, "ping").map(|t| json_message("pong", t))
+                });
+        }
+        if !args.drain_window.is_zero() {
+            builder = builder
+                .drain_window(args.drain_window)
+                .drain_close_code(1012);
+        }
+        builder
+    })
 }
 
 #[tokio::main]
@@ -169,7 +176,11 @@ async fn main() -> ExitCode {
     if let Err(e) = tokio::signal::ctrl_c().await {
         eprintln!("cannot wait for Ctrl-C: {e}");
     }
-    println!("shutting down ({} live connections)", supervisor.len());
+    println!(
+        "shutting down ({} live connections, drain window {:?})",
+        supervisor.len(),
+        args.drain_window
+    );
     let summary = supervisor.shutdown(Duration::from_secs(5)).await;
     println!("shutdown: {summary}");
     ExitCode::SUCCESS

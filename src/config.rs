@@ -69,6 +69,9 @@ pub struct Config {
     inbound_queue: usize,
     inbound_buffer_limit: usize,
     outbound_queue: usize,
+    drain_window: Duration,
+    drain_batches: Option<usize>,
+    drain_close_code: u16,
 }
 
 impl Default for Config {
@@ -180,6 +183,20 @@ impl Config {
     pub const fn outbound_queue(&self) -> usize {
         self.outbound_queue
     }
+    /// The window over which [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// spreads its closes (`Duration::ZERO`: everyone at once).
+    pub const fn drain_window(&self) -> Duration {
+        self.drain_window
+    }
+    /// In how many equal batches the drain window closes connections
+    /// (`None`: at a steady rate).
+    pub const fn drain_batches(&self) -> Option<usize> {
+        self.drain_batches
+    }
+    /// The close code a shutdown sends.
+    pub const fn drain_close_code(&self) -> u16 {
+        self.drain_close_code
+    }
 
     /// How long reading may stay paused for `inbound_buffer_limit` before
     /// the application is blamed: one whole heartbeat.
@@ -255,6 +272,9 @@ pub struct ConfigBuilder {
     inbound_queue: usize,
     inbound_buffer_limit: usize,
     outbound_queue: usize,
+    drain_window: Duration,
+    drain_batches: Option<usize>,
+    drain_close_code: u16,
 }
 
 impl Default for ConfigBuilder {
@@ -285,6 +305,9 @@ impl ConfigBuilder {
             inbound_queue: 32,
             inbound_buffer_limit: 4 << 20,
             outbound_queue: 64,
+            drain_window: Duration::ZERO,
+            drain_batches: None,
+            drain_close_code: 1001,
         }
     }
 
@@ -642,6 +665,96 @@ impl ConfigBuilder {
         self
     }
 
+    /// Spreads the closes of [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// over `window`, so that a rolling restart of a fleet does not send
+    /// every client back at the same second (see `docs/operations.md`).
+    ///
+    /// Each open connection gets a planned close time within the window, a
+    /// fixed function of the connection's id and the supervisor's random
+    /// seed, spread evenly (see [`drain_batches`](Self::drain_batches) for
+    /// steps instead of a steady rate). Until its time comes, a connection
+    /// works as before (messages, heartbeat); a connection already closing
+    /// is left alone. At its time it is sent the Close of
+    /// [`drain_close_code`](Self::drain_close_code) and has
+    /// [`close_timeout`](Self::close_timeout) for the closing handshake.
+    /// The `grace` given to `shutdown` counts from the **end** of the
+    /// window: whatever is still open or closing `window + grace` after the
+    /// shutdown began is dropped (and counted as forced). New connections
+    /// are refused from the start of the shutdown. At most a week.
+    ///
+    /// # Default
+    /// `Duration::ZERO`: no drain. Every connection is sent its Close at
+    /// once and has the whole `grace` to answer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use tokio_tungstenite::WebSocketStream;
+    /// use ws_supervisor::tungstenite::protocol::Role;
+    /// use ws_supervisor::{CloseCode, Config, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = Config::builder()
+    ///     .drain_window(Duration::from_secs(30))
+    ///     .drain_close_code(1012) // "service restart": come back
+    ///     .build()?;
+    /// let supervisor = Supervisor::new(config);
+    /// # let (server, client) = tokio::io::duplex(4096);
+    /// # let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+    /// # let _conn = supervisor.supervise(ws, None).await?;
+    /// # let mut peer = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+    /// # let peer = tokio::spawn(async move {
+    /// #     let mut close = None;
+    /// #     // Pings come first if the turn is late; reading on flushes the Close reply.
+    /// #     while let Some(Ok(m)) = peer.next().await {
+    /// #         if m.is_close() { close.get_or_insert(m); }
+    /// #     }
+    /// #     close
+    /// # });
+    /// // On SIGTERM: the Closes go out over 30 s, then up to 10 s of grace.
+    /// let summary = supervisor.shutdown(Duration::from_secs(10)).await;
+    /// assert!(summary.elapsed() < Duration::from_secs(30));
+    /// # let close = peer.await?.unwrap();
+    /// # assert!(matches!(close, ws_supervisor::tungstenite::Message::Close(Some(f)) if f.code == CloseCode::Restart));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub const fn drain_window(mut self, window: Duration) -> Self {
+        self.drain_window = window;
+        self
+    }
+
+    /// Closes the drain window's connections in `batches` equal steps,
+    /// `window / batches` apart, the first at the start of the shutdown
+    /// (Phoenix's drainer style), instead of at a steady rate. Each batch
+    /// holds about `1 / batches` of the connections. Must be at least 1;
+    /// has no effect without a [`drain_window`](Self::drain_window).
+    ///
+    /// # Default
+    /// Unset: a steady rate, each connection at its own instant.
+    pub const fn drain_batches(mut self, batches: usize) -> Self {
+        self.drain_batches = Some(batches);
+        self
+    }
+
+    /// The close code [`Supervisor::shutdown`](crate::Supervisor::shutdown)
+    /// sends, drained or not: 1001 (going away), 1012 (service restart:
+    /// "come back", the hint reconnecting clients honour), 1013 (try again
+    /// later), 1000, or an application code 3000–4999. Other codes mean an
+    /// error or are not for servers to send, and are refused by `build()`.
+    /// The close hook reports [`GoingAway`](crate::CloseReason::GoingAway),
+    /// local, whatever the code (the event's `code_sent` has it).
+    ///
+    /// # Default
+    /// 1001, text "server shutting down" (1012 sends "service restart").
+    pub const fn drain_close_code(mut self, code: u16) -> Self {
+        self.drain_close_code = code;
+        self
+    }
+
     /// Checks the combination and builds the [`Config`].
     ///
     /// # Errors
@@ -650,7 +763,8 @@ impl ConfigBuilder {
     /// the message limit, a write-buffer limit below the read buffer, or an
     /// origin that is not `scheme://host[:port]`, an application-level
     /// probe that is not a text or binary message within the write-buffer
-    /// limit, or heartbeat delivery without an application-level heartbeat.
+    /// limit, heartbeat delivery without an application-level heartbeat, or
+    /// a drain close code a server should not send.
     pub fn build(self) -> Result<Config, ConfigError> {
         for (name, value) in [
             ("ping_interval", self.ping_interval),
@@ -665,6 +779,15 @@ impl ConfigBuilder {
             if value > MAX_DURATION {
                 return Err(ConfigError::DurationTooLong(name));
             }
+        }
+        if self.drain_window > MAX_DURATION {
+            return Err(ConfigError::DurationTooLong("drain_window"));
+        }
+        if !matches!(
+            self.drain_close_code,
+            1000 | 1001 | 1012 | 1013 | 3000..=4999
+        ) {
+            return Err(ConfigError::InvalidDrainCloseCode(self.drain_close_code));
         }
         let ping_jitter = self.ping_jitter.unwrap_or(self.ping_interval / 10);
         if ping_jitter > self.ping_interval {
@@ -695,6 +818,7 @@ impl ConfigBuilder {
             ("outbound_queue", Some(self.outbound_queue)),
             ("max_connections", self.max_connections),
             ("max_handshakes_per_ip", self.max_handshakes_per_ip),
+            ("drain_batches", self.drain_batches),
         ] {
             if value == Some(0) {
                 return Err(ConfigError::ZeroCount(name));
@@ -763,6 +887,9 @@ impl ConfigBuilder {
             inbound_queue: self.inbound_queue,
             inbound_buffer_limit: self.inbound_buffer_limit,
             outbound_queue: self.outbound_queue,
+            drain_window: self.drain_window,
+            drain_batches: self.drain_batches,
+            drain_close_code: self.drain_close_code,
         })
     }
 }
@@ -839,6 +966,9 @@ pub enum ConfigError {
         /// The largest accepted.
         max: usize,
     },
+    /// The shutdown's close code is not one a server should send to say
+    /// "going away": 1000, 1001, 1012, 1013 or 3000–4999.
+    InvalidDrainCloseCode(u16),
     /// The write-buffer limit cannot hold control frames.
     WriteBufferTooSmall {
         /// The limit asked for.
@@ -883,6 +1013,10 @@ impl fmt::Display for ConfigError {
             Self::ReadBufferTooLarge { size, max } => {
                 write!(f, "read_buffer_size ({size}) must not exceed {max} bytes")
             }
+            Self::InvalidDrainCloseCode(code) => write!(
+                f,
+                "drain_close_code {code} is not 1000, 1001, 1012, 1013 or 3000-4999"
+            ),
             Self::WriteBufferTooSmall { limit, min } => {
                 write!(
                     f,
@@ -1040,6 +1174,48 @@ mod tests {
             ConfigError::DeliverWithoutAppHeartbeat
         );
         assert!(b().deliver_heartbeats(false).build().is_ok());
+    }
+
+    #[test]
+    fn the_drain_is_off_by_default_and_its_settings_are_validated() {
+        let c = Config::default();
+        assert_eq!(c.drain_window(), Duration::ZERO);
+        assert_eq!(c.drain_batches(), None);
+        assert_eq!(c.drain_close_code(), 1001);
+        let c = Config::builder()
+            .drain_window(Duration::from_secs(30))
+            .drain_batches(15)
+            .drain_close_code(1012)
+            .build()
+            .unwrap();
+        assert_eq!(c.drain_window(), Duration::from_secs(30));
+        assert_eq!(c.drain_batches(), Some(15));
+        assert_eq!(c.drain_close_code(), 1012);
+        for code in [1000, 1001, 1012, 1013, 3000, 4000, 4999] {
+            assert!(
+                Config::builder().drain_close_code(code).build().is_ok(),
+                "{code}"
+            );
+        }
+        for code in [0, 999, 1002, 1005, 1006, 1011, 1014, 1015, 2999, 5000] {
+            let err = Config::builder()
+                .drain_close_code(code)
+                .build()
+                .unwrap_err();
+            assert_eq!(err, ConfigError::InvalidDrainCloseCode(code));
+            assert!(err.to_string().contains(&code.to_string()), "{err}");
+        }
+        assert_eq!(
+            Config::builder().drain_batches(0).build().unwrap_err(),
+            ConfigError::ZeroCount("drain_batches")
+        );
+        assert_eq!(
+            Config::builder()
+                .drain_window(MAX_DURATION + Duration::from_secs(1))
+                .build()
+                .unwrap_err(),
+            ConfigError::DurationTooLong("drain_window")
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
 use crate::transport::{RawClose, ReadLayer};
-use crate::verdict::{close_frame, fallback_cause};
+use crate::verdict::{close_frame, fallback_cause, shutdown_frame};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
 /// connection with a flood of frames to read must not keep its worker from
@@ -317,6 +317,9 @@ where
                 if let Some(since) = self.to_app.paused_since {
                     at = at.min(since + config.read_stall_limit());
                 }
+                if let Some(close_at) = self.state.drain_close_at(self.guard.id()) {
+                    at = at.min(close_at);
+                }
                 at
             }
             Phase::Closing { until } | Phase::Failing { until } => until,
@@ -330,7 +333,7 @@ where
     fn poll_shutdown<A>(
         &mut self,
         cx: &mut Context<'_>,
-        shutdown: Pin<&mut Signal<A>>,
+        mut shutdown: Pin<&mut Signal<A>>,
         now: Instant,
     ) -> bool
     where
@@ -340,12 +343,17 @@ where
             return false;
         }
         let hint = self.state.shutdown().has_begun();
-        if !shutdown.poll_fire(cx, hint) {
-            return false;
+        if !shutdown.as_mut().poll_fire(cx, hint) {
+            // In a drain, an open connection's planned time may have come.
+            return shutdown.has_fired()
+                && self.phase == Phase::Open
+                && self.close_for_shutdown(now);
         }
         let deadline = self.state.shutdown().deadline().unwrap_or(now);
         match self.phase {
-            Phase::Open => self.close_with(Cause::Shutdown, deadline),
+            Phase::Open => {
+                self.close_for_shutdown(now);
+            }
             // Already closing: the grace period caps the wait.
             Phase::Closing { until } => {
                 self.phase = Phase::Closing {
@@ -359,6 +367,26 @@ where
             }
             Phase::Done => {}
         }
+        true
+    }
+
+    /// Sends an open connection the shutdown's Close, if its time has come:
+    /// at once by default, with the whole grace for the handshake; in a
+    /// drain at its planned time, with `close_timeout` (within the grace).
+    fn close_for_shutdown(&mut self, now: Instant) -> bool {
+        let state = &self.state;
+        let deadline = state.shutdown().deadline().unwrap_or(now);
+        let until = if state.config().drain_window().is_zero() {
+            deadline
+        } else {
+            match state.drain_close_at(self.guard.id()) {
+                Some(at) if now >= at => deadline.min(now + state.config().close_timeout()),
+                _ => return false,
+            }
+        };
+        let frame = shutdown_frame(state.config().drain_close_code());
+        self.record(Cause::Shutdown, frame.reason.to_string());
+        self.send_close(Some(frame), until);
         true
     }
 
@@ -757,7 +785,10 @@ where
         match self.phase {
             Phase::Open => self.on_heartbeat(now),
             Phase::Closing { until } if now >= until => {
-                if self.state.shutdown().grace_over(now) {
+                // Our shutdown Close unanswered: in a drain, within
+                // `close_timeout`; otherwise by the end of the grace.
+                if self.state.shutdown().grace_over(now) || self.guard.verdict.closed_by_shutdown()
+                {
                     self.state.shutdown().count_forced();
                 }
                 self.record(Cause::CloseHandshakeTimeout, String::new());
@@ -909,9 +940,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
         }
         let cancelled = self.state.shutdown().is_cancelled();
         let cause = fallback_cause(cancelled, false);
-        let Some(frame) = close_frame(&cause) else {
+        let Some(mut frame) = close_frame(&cause) else {
             return;
         };
+        if cancelled {
+            // A shutdown says its own code (`drain_close_code`).
+            frame = shutdown_frame(self.state.config().drain_close_code());
+        }
         let text = frame.reason.to_string();
         if self.phase == Phase::Open {
             let code = frame.code;

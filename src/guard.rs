@@ -50,6 +50,11 @@ impl CloseGuard {
         }
     }
 
+    /// The connection's id.
+    pub(crate) fn id(&self) -> ConnectionId {
+        self.id
+    }
+
     /// Builds the close event from the verdict, runs the hooks (through the
     /// supervisor's [`connection_closed`](SupervisorState::connection_closed)),
     /// releases the slot and publishes the event to the application. Runs

@@ -61,7 +61,8 @@
 //!   [`supervise`](Supervisor::supervise), [`shutdown`](Supervisor::shutdown),
 //!   registration of every connection; `state.rs`: what the handle shares
 //!   with the connections (counts, gauges, admission) and `shutdown.rs`: the
-//!   shutdown's state in one type.
+//!   shutdown's state in one type; `drain.rs`: when each connection closes
+//!   in a drained shutdown, with no I/O.
 //! * [`Connect`] (`connect.rs`): [`Supervisor::connect`], the client side,
 //!   with `tls.rs` for `wss://` (feature `rustls`).
 //! * [`Accept`] (`accept.rs`): [`Supervisor::accept`], the server handshake
@@ -151,6 +152,7 @@ mod close;
 mod config;
 mod connect;
 mod connection;
+mod drain;
 mod driver;
 mod error;
 mod guard;

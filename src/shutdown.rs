@@ -26,6 +26,9 @@ pub(crate) struct Shutdown {
     /// SeqCst, stored and loaded: the shutdown-remaining gauge relies on it
     /// (see `SupervisorState::write_remaining`).
     begun: AtomicBool,
+    /// When the shutdown began (the first call's, if called twice): the
+    /// start of the drain window.
+    started: OnceLock<Instant>,
     /// The end of the grace period (the first call's, if called twice).
     deadline: OnceLock<Instant>,
     /// Cancelled once the shutdown has begun: wakes every driver.
@@ -35,11 +38,12 @@ pub(crate) struct Shutdown {
 }
 
 impl Shutdown {
-    /// Begins the shutdown, with the grace period ending at `deadline`
-    /// (kept from the first call): admission closes. The drivers are told by
-    /// [`stop_drivers`](Self::stop_drivers).
-    pub(crate) fn begin(&self, deadline: Instant) {
+    /// Begins the shutdown at `started`, with the grace period ending at
+    /// `deadline` (both kept from the first call): admission closes. The
+    /// drivers are told by [`stop_drivers`](Self::stop_drivers).
+    pub(crate) fn begin(&self, started: Instant, deadline: Instant) {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.started.set(started);
         let _ = self.deadline.set(deadline);
         self.begun.store(true, SeqCst);
     }
@@ -66,6 +70,11 @@ impl Shutdown {
     /// recorded cause after this was stopped by the shutdown).
     pub(crate) fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
+    }
+
+    /// When the shutdown began, once it has.
+    pub(crate) fn started(&self) -> Option<Instant> {
+        self.started.get().copied()
     }
 
     /// The end of the grace period, once the shutdown has begun.
@@ -105,13 +114,14 @@ mod tests {
         assert_eq!(s.admit(|| 1), Some(1));
         assert!(!s.has_begun() && !s.is_cancelled());
         let now = Instant::now();
-        s.begin(now + Duration::from_secs(5));
+        s.begin(now, now + Duration::from_secs(5));
         assert!(s.has_begun() && !s.is_cancelled());
         s.stop_drivers();
         assert!(s.is_cancelled());
         assert_eq!(s.admit(|| 1), None);
-        // A second call keeps the first deadline.
-        s.begin(now);
+        // A second call keeps the first start and deadline.
+        s.begin(now + Duration::from_secs(1), now);
+        assert_eq!(s.started(), Some(now));
         assert_eq!(s.deadline(), Some(now + Duration::from_secs(5)));
         assert!(!s.grace_over(now));
         assert!(s.grace_over(now + Duration::from_secs(5)));

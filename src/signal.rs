@@ -54,8 +54,7 @@ impl<F: Future<Output = ()>> Signal<F> {
     }
 
     /// Whether it has fired (the latch).
-    #[cfg(test)]
-    fn has_fired(&self) -> bool {
+    pub(crate) fn has_fired(&self) -> bool {
         self.fired
     }
 }

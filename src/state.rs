@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::close::{CloseEvent, CloseReason};
 use crate::config::Config;
+use crate::drain::{DrainPlan, position};
 use crate::error::{Error, HandshakeFailure};
 use crate::hook::Hooks;
 use crate::metrics::{Metrics, secs};
@@ -62,6 +63,8 @@ pub(crate) enum Purpose {
     PingPhase,
     /// The key that makes its ping nonces unguessable.
     NonceKey,
+    /// The phase of the drain plan (drawn once per supervisor, with id 0).
+    DrainPhase,
 }
 
 impl SupervisorState {
@@ -114,6 +117,21 @@ impl SupervisorState {
     /// A pseudo-random `u64` for connection `id`, one per `purpose`.
     pub(crate) fn random(&self, id: ConnectionId, purpose: Purpose) -> u64 {
         self.seed.hash_one((id.0, purpose))
+    }
+
+    /// When a drained shutdown sends connection `id` its Close: `None`
+    /// without a drain window, or before the drivers were told to stop. A
+    /// pure function of the plan, the supervisor's seed and `id` (see
+    /// [`DrainPlan`]).
+    pub(crate) fn drain_close_at(&self, id: ConnectionId) -> Option<Instant> {
+        let window = self.config.drain_window();
+        if window.is_zero() || !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let started = self.shutdown.started()?;
+        let phase = self.random(ConnectionId(0), Purpose::DrainPhase);
+        let plan = DrainPlan::new(window, self.config.drain_batches());
+        Some(started + plan.offset(position(phase, id.0)))
     }
 
     // ===== admission =====

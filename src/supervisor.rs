@@ -311,9 +311,20 @@ impl Supervisor {
     /// handshakes, drops the transports of the rest, waits for every close
     /// hook, and returns what closed meanwhile.
     ///
-    /// Every connection ends with [`CloseReason::GoingAway`] (local) unless
-    /// it had already started ending for another reason. Calling it again
-    /// waits for the same drain.
+    /// With a [`drain_window`](crate::ConfigBuilder::drain_window), the
+    /// Closes are spread over the window instead (steadily, or in
+    /// [`drain_batches`](crate::ConfigBuilder::drain_batches)), each
+    /// connection keeps working until its turn and then has
+    /// `close_timeout` to answer, and `grace` counts from the end of the
+    /// window: the shutdown takes at most `drain_window + grace`. The code
+    /// is [`drain_close_code`](crate::ConfigBuilder::drain_close_code)
+    /// (1001 by default, 1012 to say "service restart"), drained or not.
+    ///
+    /// Every connection ends with [`CloseReason::GoingAway`] (local),
+    /// whatever the code, unless it had already started ending for another
+    /// reason. Calling it again waits for the same drain. The
+    /// `ws_supervisor_shutdown_remaining_connections` gauge reports the
+    /// connections left throughout.
     ///
     /// # Cancel safety
     /// Cancel safe in that the shutdown goes on in the driver tasks, and the
@@ -325,7 +336,8 @@ impl Supervisor {
         let shutdown = self.state.shutdown();
         let forced_before = shutdown.forced();
         let panics_before = self.hook_panics();
-        shutdown.begin(started + grace);
+        // `grace` counts from the end of the drain window (zero by default).
+        shutdown.begin(started, started + self.config().drain_window() + grace);
         // From here each finishing driver sets the shutdown-remaining gauge
         // to what is left, the last one to 0, whether or not this future is
         // still polled (see `SupervisorState::write_remaining`).
@@ -388,8 +400,10 @@ impl ShutdownSummary {
         self.by_reason.iter().sum()
     }
 
-    /// Connections whose transport was dropped at the end of the grace
-    /// period because the peer had not finished the closing handshake.
+    /// Connections whose transport was dropped because the peer had not
+    /// finished the closing handshake in time: by the end of the grace
+    /// period, or, in a drain, within `close_timeout` of the shutdown's
+    /// Close.
     pub fn forced(&self) -> u64 {
         self.forced
     }

@@ -78,6 +78,20 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
     })
 }
 
+/// The Close frame of [`Cause::Shutdown`] with the configured `code`
+/// (`drain_close_code`): 1001 is exactly [`close_frame`]'s, 1012 says
+/// "service restart", any other the same text as 1001.
+pub(crate) fn shutdown_frame(code: u16) -> CloseFrame {
+    let text = match code {
+        1012 => "service restart",
+        _ => "server shutting down",
+    };
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: text.into(),
+    }
+}
+
 /// Whether a peer may send `code` in a Close frame: RFC 6455 §7.4 and the
 /// IANA registry (1000–1003, 1007–1014, 3000–4999). Anything else (1004,
 /// 1005, 1006, 1015, 1016–2999, below 1000, 5000 and up) is a protocol error.
@@ -192,6 +206,16 @@ impl Verdict {
         self.code_sent = code;
     }
 
+    /// Whether the shutdown's Close ended this connection: the decided
+    /// cause is [`Cause::Shutdown`], the only final one that is going away,
+    /// local (an application close with 1001 is provisional until the peer
+    /// answers; the runtime stopping is decided as the driver is dropped).
+    pub(crate) fn closed_by_shutdown(&self) -> bool {
+        self.outcome.as_ref().is_some_and(|o| {
+            !o.provisional && (o.reason, o.initiator) == (CloseReason::GoingAway, Initiator::Local)
+        })
+    }
+
     /// The code of our Close frame, if one went out.
     pub(crate) fn code_sent(&self) -> Option<CloseCode> {
         self.code_sent
@@ -247,6 +271,39 @@ mod tests {
             code: CloseCode::from(code),
             reason: text.into(),
         }
+    }
+
+    #[test]
+    fn the_shutdown_frame_carries_the_configured_code() {
+        assert_eq!(
+            Some(shutdown_frame(1001)),
+            close_frame(&Cause::Shutdown),
+            "the default is unchanged"
+        );
+        let restart = shutdown_frame(1012);
+        assert_eq!(
+            (u16::from(restart.code), &*restart.reason),
+            (1012, "service restart")
+        );
+        assert_eq!(u16::from(shutdown_frame(4000).code), 4000);
+        // Whatever the code, a shutdown is going away, local.
+        assert_eq!(classify(&Cause::Shutdown), (R::GoingAway, Local));
+    }
+
+    #[test]
+    fn only_the_shutdown_cause_is_closed_by_shutdown() {
+        let mut v = Verdict::default();
+        assert!(!v.closed_by_shutdown());
+        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        assert!(v.closed_by_shutdown());
+        // An application close with 1001, still waiting for the peer.
+        let mut v = Verdict::default();
+        v.record(Cause::AppClose(Some(CloseCode::Away)), String::new(), None);
+        assert!(!v.closed_by_shutdown());
+        // The peer's 1001 is remote.
+        let mut v = Verdict::default();
+        v.peer_closed(Some(&frame(1001, "")), None);
+        assert!(!v.closed_by_shutdown());
     }
 
     #[test]

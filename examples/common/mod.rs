@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::process::ExitCode;
 
-use ws_supervisor::{CloseCode, CloseEvent, Config};
+use ws_supervisor::{CloseCode, CloseEvent, Config, ConfigBuilder};
 
 /// The flags every serving example takes.
 #[derive(Debug, Clone)]
@@ -62,15 +62,25 @@ impl ServeFlags {
     /// The supervisor's config for these flags (the examples close with a
     /// 2 s close timeout), or why not, printed, as exit status 2.
     pub fn config(&self) -> Result<Config, ExitCode> {
-        Config::builder()
-            .ping_interval(self.ping_interval)
-            .pong_timeout(self.pong_timeout)
-            .close_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| {
-                eprintln!("invalid settings: {e}");
-                ExitCode::from(2)
-            })
+        self.config_with(|builder| builder)
+    }
+
+    /// As [`config`](Self::config), with more settings from `more`.
+    pub fn config_with(
+        &self,
+        more: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Result<Config, ExitCode> {
+        more(
+            Config::builder()
+                .ping_interval(self.ping_interval)
+                .pong_timeout(self.pong_timeout)
+                .close_timeout(Duration::from_secs(2)),
+        )
+        .build()
+        .map_err(|e| {
+            eprintln!("invalid settings: {e}");
+            ExitCode::from(2)
+        })
     }
 }
 
