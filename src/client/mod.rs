@@ -1042,6 +1042,95 @@ mod tests {
         }
         assert!(conn.close_event().is_none());
     }
+    /// The value of series `name` with label `cause` (if given) in `snapshot`.
+    fn value<'a>(
+        snapshot: &'a [(
+            metrics_util::CompositeKey,
+            Option<metrics::Unit>,
+            Option<metrics::SharedString>,
+            metrics_util::debugging::DebugValue,
+        )],
+        name: &str,
+        cause: Option<&str>,
+    ) -> &'a metrics_util::debugging::DebugValue {
+        snapshot
+            .iter()
+            .find(|(ck, ..)| {
+                let key = ck.key();
+                key.name() == name
+                    && cause
+                        .is_none_or(|c| key.labels().any(|l| l.key() == "cause" && l.value() == c))
+            })
+            .map(|(.., v)| v)
+            .unwrap_or_else(|| panic!("no series {name} {cause:?}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_successes_failures_downtime_and_backoff_are_measured() {
+        use crate::metrics::names;
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let script = || {
+            Server::new([
+                Attempt::Fail(HandshakeFailure::ConnectionRefused),
+                Attempt::Refuse(503, None),
+                Attempt::Stay,
+            ])
+        };
+        // The gauge while the first wait (1 s) runs.
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let supervisor =
+            metrics::with_local_recorder(&recorder, || Supervisor::new(Config::default()));
+        let server = script();
+        let mut client = builder(&supervisor, &server, fixed(1.0).build().unwrap())
+            .build()
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), client.next())
+                .await
+                .is_err()
+        );
+        let snapshot = snapshotter.snapshot().into_vec();
+        assert_eq!(
+            value(&snapshot, names::CLIENT_BACKOFF, None),
+            &DebugValue::Gauge(1.0.into())
+        );
+        drop(client);
+
+        // A whole outage: refused at 0, 503 at 1 s, connected at 3 s.
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let supervisor =
+            metrics::with_local_recorder(&recorder, || Supervisor::new(Config::default()));
+        let server = script();
+        let mut client = builder(&supervisor, &server, fixed(1.0).build().unwrap())
+            .build()
+            .unwrap();
+        let _conn = client.next().await.unwrap();
+        let snapshot = snapshotter.snapshot().into_vec();
+        let counter = |name, cause| match value(&snapshot, name, cause) {
+            DebugValue::Counter(n) => *n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(counter(names::CLIENT_ATTEMPTS, None), 3);
+        assert_eq!(counter(names::CLIENT_CONNECTS, None), 1);
+        assert_eq!(
+            counter(names::CLIENT_FAILURES, Some("connection_refused")),
+            1
+        );
+        assert_eq!(counter(names::CLIENT_FAILURES, Some("http_status")), 1);
+        assert_eq!(counter(names::CLIENT_FAILURES, Some("on_connect")), 0);
+        assert_eq!(
+            value(&snapshot, names::CLIENT_DISCONNECTED, None),
+            &DebugValue::Histogram(vec![3.0.into()])
+        );
+        // Both waits (1 s, 2 s) are over: back to 0.
+        assert_eq!(
+            value(&snapshot, names::CLIENT_BACKOFF, None),
+            &DebugValue::Gauge(0.0.into())
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1130,8 +1219,7 @@ mod storm {
         for task in tasks {
             task.await.unwrap();
         }
-        let times = times.lock().unwrap().clone();
-        times
+        times.lock().unwrap().clone()
     }
 
     /// The largest share of clients back within one second (windows aligned
