@@ -400,8 +400,8 @@ impl Reconnecting {
 
     /// How long the client was without a connection before the last
     /// yielded one: from the end of the previous connection (or the
-    /// client's first poll) to the end of the successful attempt. Zero
-    /// before the first item.
+    /// client's first poll) to the end of the successful attempt and its
+    /// `on_connect` hook. Zero before the first item.
     pub fn downtime(&self) -> Duration {
         self.connected.map_or(Duration::ZERO, |c| c.downtime)
     }
