@@ -27,7 +27,11 @@
 //! (`normal`), one that says 1001 (`going_away`), one that falls silent
 //! (`timeout`), one that sends invalid UTF-8 (`protocol_error`), one that
 //! drops its socket (`abnormal`), and one whose server-side handler panics
-//! (`internal`, on the path `/demo/panic`). Ctrl-C shuts down gracefully.
+//! (`internal`, on the path `/demo/panic`). Beside them runs a reconnecting
+//! client (`Supervisor::reconnecting`, see `examples/client.rs`) on the path
+//! `/demo/restart`, whose server side closes with 1012 (service restart)
+//! every few seconds, so the dashboard's Clients row has data. Ctrl-C shuts
+//! down gracefully.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -164,8 +168,14 @@ async fn main() -> ExitCode {
         args.serve.pong_timeout
     );
 
-    tokio::spawn(serve(listener, supervisor.clone()));
+    let hold = args.serve.ping_interval * 5 / 2;
+    tokio::spawn(serve(listener, supervisor.clone(), hold));
     if args.simulate {
+        tokio::spawn(reconnecting(
+            supervisor.clone(),
+            format!("ws://{addr}/demo/restart"),
+            args.serve.ping_interval,
+        ));
         tokio::spawn(fleet(
             addr,
             args.serve.ping_interval,
@@ -186,8 +196,9 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Accepts connections and echoes; `/demo/panic` makes the handler panic.
-async fn serve(listener: TcpListener, supervisor: Supervisor) {
+/// Accepts connections and echoes; `/demo/panic` makes the handler panic,
+/// and `/demo/restart` closes with 1012 after `hold`.
+async fn serve(listener: TcpListener, supervisor: Supervisor, hold: Duration) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -221,6 +232,13 @@ async fn serve(listener: TcpListener, supervisor: Supervisor) {
                 }
             };
             let crash = *path.lock().unwrap() == "/demo/panic";
+            if *path.lock().unwrap() == "/demo/restart" {
+                let echo = async { while conn.recv().await.is_some() {} };
+                let _ = tokio::time::timeout(hold, echo).await;
+                let _ = conn.close(CloseCode::Restart, "demo restart").await;
+                conn.closed().await;
+                return;
+            }
             while let Some(message) = conn.recv().await {
                 if crash {
                     panic!("demo: the handler of {} panics on purpose", conn.id());
@@ -230,6 +248,25 @@ async fn serve(listener: TcpListener, supervisor: Supervisor) {
                 }
             }
         });
+    }
+}
+
+/// A reconnecting client of `/demo/restart`: connects, is told 1012, comes
+/// back after a backoff from `min` to 10 × `min`.
+async fn reconnecting(supervisor: Supervisor, url: String, min: Duration) {
+    let backoff = ws_supervisor::Backoff::builder()
+        .min(min)
+        .max(min * 10)
+        .build()
+        .expect("valid backoff");
+    let mut client = supervisor
+        .reconnecting(url)
+        .backoff(backoff)
+        .on_connect(|sender| async move { sender.send("subscribe").await })
+        .build()
+        .expect("a ws:// URL");
+    while let Some(mut conn) = client.next().await {
+        while conn.recv().await.is_some() {}
     }
 }
 

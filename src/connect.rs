@@ -15,10 +15,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::UrlError;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 
+use crate::client::policy::retry_after;
 use crate::config::Config;
 use crate::connection::{ConnInfo, Connection, Role};
 use crate::driver::Probe;
-use crate::error::{Error, HandshakeFailure};
+use crate::error::{Error, HandshakeFailure, Refusal};
 use crate::state::Slot;
 use crate::supervisor::Supervisor;
 use crate::transport::ReadLayer;
@@ -90,18 +91,23 @@ impl Supervisor {
 ///
 /// * `Timeout`: the TCP connect, TLS handshake and HTTP upgrade together
 ///   took longer than the handshake timeout.
-/// * `Io`: the host could not be resolved or connected to, or the TLS
-///   handshake failed — an untrusted, expired or mismatched certificate, or
-///   a TLS alert from the server. TLS failures are `Io` because rustls
-///   reports them from the transport, before any HTTP is spoken. The
+/// * `Dns`: the host name could not be resolved.
+/// * `ConnectionRefused`: the host refused the TCP connection.
+/// * `Tls`: the TLS handshake failed — an untrusted, expired or mismatched
+///   certificate, or a TLS alert from the server. The
 ///   [`source`](std::error::Error::source) is a
 ///   [`tungstenite::Error::Io`](crate::tungstenite::Error::Io); for a
 ///   certificate or TLS protocol problem that `io::Error`'s
 ///   [`get_ref`](std::io::Error::get_ref) is the `rustls::Error`.
+/// * `HttpStatus`: the server answered with a status other than 101;
+///   [`Error::http_status`] gives it and [`Error::retry_after`] its
+///   `Retry-After`, if any.
+/// * `Io`: any other transport failure (unreachable, reset, EOF).
 /// * `Protocol`: not a `ws://` or `wss://` URL, `wss://` without the
 ///   `rustls` feature (the source is
 ///   [`UrlError::TlsFeatureNotEnabled`](crate::tungstenite::error::UrlError::TlsFeatureNotEnabled)),
-///   or the server refused the upgrade or spoke invalid HTTP.
+///   a host that is not a valid TLS server name, or the server spoke
+///   invalid HTTP or WebSocket.
 /// * `AtCapacity` or `ShuttingDown`: nothing was sent.
 ///
 /// # Cancel safety
@@ -201,7 +207,9 @@ impl<'a> IntoFuture for Connect<'a> {
                 .map_err(|cause| inner.fail_handshake(cause, None))?;
             let (request, target) = match self.request.and_then(|r| Ok((Target::of(&r)?, r))) {
                 Ok((target, request)) => (request, target),
-                Err(e) => return Err(inner.fail_handshake(failure(&e), Some(e.into()))),
+                Err(e) => {
+                    return Err(inner.fail_handshake(HandshakeFailure::Protocol, Some(e.into())));
+                }
             };
             let config = inner.config();
             // One future per scheme, each generic over its stream, so `ws://`
@@ -218,9 +226,12 @@ impl<'a> IntoFuture for Connect<'a> {
                 Scheme::Wss => {
                     let tls = self.tls.unwrap_or_else(crate::tls::default_client_config);
                     let handshake = async {
-                        let name = crate::tls::server_name(&target.host)?;
+                        let name = crate::tls::server_name(&target.host)
+                            .map_err(|e| Failed(HandshakeFailure::Protocol, WsError::Io(e)))?;
                         let (tcp, peer_addr) = target.open().await?;
-                        let stream = crate::tls::connect(tls, name, tcp).await?;
+                        let stream = crate::tls::connect(tls, name, tcp)
+                            .await
+                            .map_err(|e| Failed(HandshakeFailure::Tls, WsError::Io(e)))?;
                         upgrade(config, request, stream, peer_addr).await
                     };
                     establish(supervisor, slot, handshake).await
@@ -246,12 +257,17 @@ impl fmt::Debug for Connect<'_> {
 /// What an opening handshake produced, before it is supervised.
 type Upgraded<S> = (WebSocketStream<S>, Option<SocketAddr>, ConnInfo);
 
+/// A failed step of a client handshake: the cause it is counted as, and the
+/// error behind it.
+#[derive(Debug)]
+struct Failed(HandshakeFailure, WsError);
+
 /// Runs `handshake` within the handshake timeout, then supervises the
 /// connection it opened in `slot`.
 async fn establish<S>(
     supervisor: &Supervisor,
     slot: Slot,
-    handshake: impl Future<Output = Result<Upgraded<ReadLayer<S>>, WsError>>,
+    handshake: impl Future<Output = Result<Upgraded<ReadLayer<S>>, Failed>>,
 ) -> Result<Connection, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -259,7 +275,18 @@ where
     let inner = supervisor.state();
     match tokio::time::timeout(inner.config().handshake_timeout(), handshake).await {
         Err(_) => Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
-        Ok(Err(e)) => Err(inner.fail_handshake(failure(&e), Some(e.into()))),
+        Ok(Err(Failed(_, WsError::Http(response)))) => {
+            let refusal = Refusal {
+                status: response.status().as_u16(),
+                retry_after: response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, std::time::SystemTime::now())),
+            };
+            Err(inner.refuse_upgrade(refusal, WsError::Http(response)))
+        }
+        Ok(Err(Failed(cause, e))) => Err(inner.fail_handshake(cause, Some(e.into()))),
         Ok(Ok((ws, peer_addr, info))) => {
             supervisor.register(ws, peer_addr, slot, info, Probe::read_layer())
         }
@@ -273,7 +300,7 @@ async fn upgrade<S>(
     request: Request,
     io: S,
     peer_addr: Option<SocketAddr>,
-) -> Result<Upgraded<ReadLayer<S>>, WsError>
+) -> Result<Upgraded<ReadLayer<S>>, Failed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -284,7 +311,8 @@ where
         stream,
         Some(config.websocket_config()),
     )
-    .await?;
+    .await
+    .map_err(|e| Failed(failure(&e), e))?;
     let protocol = response
         .headers()
         .get("sec-websocket-protocol")
@@ -298,10 +326,10 @@ where
     Ok((ws, peer_addr, info))
 }
 
-/// The handshake failure a client-side error is counted as.
+/// The handshake failure an error of the HTTP upgrade is counted as.
 fn failure(e: &WsError) -> HandshakeFailure {
     match e {
-        // Connect refused, resolution failed, TLS failed (see `Connect`).
+        WsError::Http(_) => HandshakeFailure::HttpStatus,
         WsError::Io(_) => HandshakeFailure::Io,
         _ => HandshakeFailure::Protocol,
     }
@@ -349,12 +377,35 @@ impl Target {
         })
     }
 
-    /// Resolves and connects; `TCP_NODELAY`, as pings must not wait.
-    async fn open(&self) -> std::io::Result<(TcpStream, Option<SocketAddr>)> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let peer_addr = tcp.peer_addr().ok();
-        Ok((tcp, peer_addr))
+    /// Resolves and connects, trying each address in turn; `TCP_NODELAY`,
+    /// as pings must not wait. A resolution failure is `Dns`; a refusal by
+    /// the last address tried is `ConnectionRefused`; any other error `Io`.
+    async fn open(&self) -> Result<(TcpStream, Option<SocketAddr>), Failed> {
+        let io = |cause, e| Failed(cause, WsError::Io(e));
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| io(HandshakeFailure::Dns, e))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    tcp.set_nodelay(true)
+                        .map_err(|e| io(HandshakeFailure::Io, e))?;
+                    return Ok((tcp, Some(addr)));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                io(HandshakeFailure::ConnectionRefused, e)
+            }
+            Some(e) => io(HandshakeFailure::Io, e),
+            None => io(
+                HandshakeFailure::Dns,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address"),
+            ),
+        })
     }
 }
 

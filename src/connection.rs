@@ -605,6 +605,12 @@ impl Connection {
         self.shared.stats()
     }
 
+    /// The state the driver publishes to, for a watcher of the end that
+    /// does not hold the connection (the reconnecting client).
+    pub(crate) fn shared(&self) -> std::sync::Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// The close event, if the connection has already ended.
     pub fn close_event(&self) -> Option<CloseEvent> {
         self.shared.event().cloned()

@@ -3,6 +3,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 type Source = Box<dyn StdError + Send + Sync>;
 
@@ -24,6 +25,16 @@ pub struct Error {
 struct Inner {
     kind: Kind,
     source: Option<Source>,
+    /// The server's answer, when it refused a client's upgrade.
+    refusal: Option<Refusal>,
+}
+
+/// A server's refusal of a client's upgrade: its status and, when it sent a
+/// valid `Retry-After`, the wait it asked for (measured when received).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +47,9 @@ pub(crate) enum Kind {
     Handshake(HandshakeFailure),
     /// Reading or writing the connection failed (in a `CloseEvent`).
     Transport,
+    /// A reconnecting client's `on_connect` hook failed, timed out or
+    /// panicked.
+    OnConnect,
 }
 
 /// Why an opening handshake did not produce a connection. No close hook runs
@@ -54,10 +68,11 @@ pub enum HandshakeFailure {
     /// The peer spoke invalid HTTP or WebSocket during the handshake: a
     /// malformed request, not `GET`, no `Connection: upgrade`, a bad
     /// `Sec-WebSocket-Key`, a request head over 16 KiB (HTTP 400 or 431 sent);
-    /// on the client side, any refusal or invalid answer from the server.
+    /// on the client side, an invalid URL or an invalid answer from the
+    /// server (not HTTP, or a 101 without a valid `Sec-WebSocket-Accept`).
     Protocol,
-    /// The transport failed during the handshake (connect refused, reset,
-    /// EOF before the request was complete).
+    /// The transport failed during the handshake (a reset, EOF before the
+    /// request or response was complete).
     Io,
     /// A plain HTTP request, with no `Upgrade: websocket` (HTTP 426 sent):
     /// a browser pointed at the WebSocket URL, a load balancer's health
@@ -74,11 +89,23 @@ pub enum HandshakeFailure {
     /// [`max_handshakes_per_ip`](crate::ConfigBuilder::max_handshakes_per_ip)
     /// (HTTP 429 sent).
     PeerLimit,
+    /// Client side: the host name could not be resolved.
+    Dns,
+    /// Client side: the server's host refused the TCP connection (nothing
+    /// listens on the port).
+    ConnectionRefused,
+    /// Client side: the TLS handshake of a `wss://` URL failed (an
+    /// untrusted, expired or mismatched certificate, a TLS alert).
+    Tls,
+    /// Client side: the server answered the upgrade with an HTTP status
+    /// other than 101 (e.g. 401, 404, 429, 503); see
+    /// [`Error::http_status`] and [`Error::retry_after`].
+    HttpStatus,
 }
 
 impl HandshakeFailure {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 14] = [
         Self::Timeout,
         Self::Refused,
         Self::AtCapacity,
@@ -89,6 +116,10 @@ impl HandshakeFailure {
         Self::UnsupportedVersion,
         Self::Origin,
         Self::PeerLimit,
+        Self::Dns,
+        Self::ConnectionRefused,
+        Self::Tls,
+        Self::HttpStatus,
     ];
 
     /// A stable `snake_case` label, for metrics and logs.
@@ -104,6 +135,10 @@ impl HandshakeFailure {
             Self::UnsupportedVersion => "unsupported_version",
             Self::Origin => "origin",
             Self::PeerLimit => "peer_limit",
+            Self::Dns => "dns",
+            Self::ConnectionRefused => "connection_refused",
+            Self::Tls => "tls",
+            Self::HttpStatus => "http_status",
         }
     }
 
@@ -125,6 +160,10 @@ impl fmt::Display for HandshakeFailure {
             Self::UnsupportedVersion => "unsupported WebSocket version",
             Self::Origin => "origin not allowed",
             Self::PeerLimit => "too many handshakes in flight from this address",
+            Self::Dns => "host name not resolved",
+            Self::ConnectionRefused => "connection refused",
+            Self::Tls => "TLS handshake failed",
+            Self::HttpStatus => "upgrade refused by the server",
         })
     }
 }
@@ -132,7 +171,22 @@ impl fmt::Display for HandshakeFailure {
 impl Error {
     pub(crate) fn new(kind: Kind, source: Option<Source>) -> Self {
         Self {
-            inner: Arc::new(Inner { kind, source }),
+            inner: Arc::new(Inner {
+                kind,
+                source,
+                refusal: None,
+            }),
+        }
+    }
+
+    /// A client's upgrade refused by the server with `refusal`'s status.
+    pub(crate) fn refused_upgrade(refusal: Refusal, source: Option<Source>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kind: Kind::Handshake(HandshakeFailure::HttpStatus),
+                source,
+                refusal: Some(refusal),
+            }),
         }
     }
 
@@ -146,6 +200,10 @@ impl Error {
 
     pub(crate) fn handshake(cause: HandshakeFailure, source: Option<Source>) -> Self {
         Self::new(Kind::Handshake(cause), source)
+    }
+
+    pub(crate) fn on_connect(source: Option<Source>) -> Self {
+        Self::new(Kind::OnConnect, source)
     }
 
     pub(crate) fn transport(source: impl Into<Source>) -> Self {
@@ -176,12 +234,38 @@ impl Error {
             _ => None,
         }
     }
+
+    /// A [`Reconnecting`](crate::Reconnecting) client's `on_connect` hook
+    /// failed (its error is the [`source`](StdError::source)), took longer
+    /// than the handshake timeout, or panicked.
+    pub fn is_on_connect(&self) -> bool {
+        self.inner.kind == Kind::OnConnect
+    }
+
+    /// The HTTP status the server answered a client's upgrade with, when it
+    /// refused it ([`HandshakeFailure::HttpStatus`]).
+    pub fn http_status(&self) -> Option<u16> {
+        self.inner.refusal.map(|r| r.status)
+    }
+
+    /// How long the server asked the client to wait, from a valid
+    /// `Retry-After` header on its refusal of the upgrade: delay-seconds, or
+    /// an HTTP date (IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`)
+    /// converted to a wait against the system clock when the answer arrived
+    /// (a date in the past is a zero wait). `None` when the header was
+    /// absent or invalid, or this is not a refused upgrade.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.inner.refusal.and_then(|r| r.retry_after)
+    }
 }
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ws_supervisor::Error");
         d.field("kind", &self.inner.kind);
+        if let Some(refusal) = &self.inner.refusal {
+            d.field("refusal", refusal);
+        }
         if let Some(source) = &self.inner.source {
             d.field("source", source);
         }
@@ -194,8 +278,12 @@ impl fmt::Display for Error {
         match self.inner.kind {
             Kind::Closed => f.write_str("connection closed"),
             Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
-            Kind::Handshake(cause) => fmt::Display::fmt(&cause, f),
+            Kind::Handshake(cause) => match self.inner.refusal {
+                Some(r) => write!(f, "{cause} (HTTP {})", r.status),
+                None => fmt::Display::fmt(&cause, f),
+            },
             Kind::Transport => f.write_str("connection failed"),
+            Kind::OnConnect => f.write_str("the on_connect hook failed"),
         }
     }
 }

@@ -119,11 +119,15 @@ impl Refusal {
             ),
             F::Refused => Self::new(cause, StatusCode::FORBIDDEN, "handshake refused"),
             F::Timeout => Self::new(cause, StatusCode::REQUEST_TIMEOUT, "handshake timed out"),
-            F::Protocol | F::Io => Self::new(
-                HandshakeFailure::Protocol,
-                StatusCode::BAD_REQUEST,
-                "invalid WebSocket upgrade request",
-            ),
+            // The client-side causes never come up on a server; mapped for
+            // completeness.
+            F::Protocol | F::Io | F::Dns | F::ConnectionRefused | F::Tls | F::HttpStatus => {
+                Self::new(
+                    HandshakeFailure::Protocol,
+                    StatusCode::BAD_REQUEST,
+                    "invalid WebSocket upgrade request",
+                )
+            }
         }
     }
 

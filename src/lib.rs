@@ -65,6 +65,11 @@
 //!   in a drained shutdown, with no I/O.
 //! * [`Connect`] (`connect.rs`): [`Supervisor::connect`], the client side,
 //!   with `tls.rs` for `wss://` (feature `rustls`).
+//! * [`Reconnecting`] (`client/mod.rs`): [`Supervisor::reconnecting`], a
+//!   stream of client connections that comes back after each one ends;
+//!   `client/backoff.rs`: the delays ([`Backoff`], pure);
+//!   `client/policy.rs`: what close codes and `Retry-After` mean
+//!   ([`Decision`], pure). See `docs/client.md`.
 //! * [`Accept`] (`accept.rs`): [`Supervisor::accept`], the server handshake
 //!   on any stream, reading the request itself so that it can answer it.
 //! * `handshake.rs`: what every server way in shares — request validation,
@@ -97,6 +102,7 @@
 //!
 //! Behaviour in depth lives in `docs/`: `keepalive.md` (the heartbeat
 //! rules and the detection bound), `close-reasons.md` (the table),
+//! `client.md` (the reconnect policy and its defaults),
 //! `metrics.md` (the catalog) and `operations.md` (dashboard, alerts).
 //!
 //! ## Features
@@ -148,6 +154,7 @@ mod app_heartbeat;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
+mod client;
 mod close;
 mod config;
 mod connect;
@@ -178,6 +185,9 @@ mod verdict;
 
 pub use accept::Accept;
 pub use app_heartbeat::AppPong;
+pub use client::backoff::{Backoff, BackoffBuilder, Jitter, Schedule};
+pub use client::policy::Decision;
+pub use client::{BuildError, Reconnecting, ReconnectingBuilder, Stop};
 pub use close::{CloseEvent, CloseReason, Initiator, MAX_CLOSE_TEXT};
 pub use config::{Config, ConfigBuilder, ConfigError, Liveness, MAX_DURATION};
 pub use connect::Connect;

@@ -56,8 +56,19 @@ pub mod names {
     /// Gauge: connections a running shutdown still waits for (0 otherwise).
     pub const SHUTDOWN_REMAINING: &str = "ws_supervisor_shutdown_remaining_connections";
 
+    /// Counter: connection attempts of [`Reconnecting`](crate::Reconnecting) clients.
+    pub const CLIENT_ATTEMPTS: &str = "ws_supervisor_client_connect_attempts_total";
+    /// Counter: attempts of reconnecting clients that gave the application a connection.
+    pub const CLIENT_CONNECTS: &str = "ws_supervisor_client_connects_total";
+    /// Counter, label `cause`: attempts of reconnecting clients that failed.
+    pub const CLIENT_FAILURES: &str = "ws_supervisor_client_connect_failures_total";
+    /// Histogram, seconds: how long a reconnecting client was without a connection.
+    pub const CLIENT_DISCONNECTED: &str = "ws_supervisor_client_disconnected_seconds";
+    /// Gauge, seconds: the backoff delays reconnecting clients are waiting out now (summed).
+    pub const CLIENT_BACKOFF: &str = "ws_supervisor_client_backoff_seconds";
+
     /// Every name above.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 22] = [
         CONNECTIONS,
         ACCEPTED,
         HANDSHAKE_FAILURES,
@@ -75,8 +86,18 @@ pub mod names {
         HOOK_DURATION,
         HOOK_PANICS,
         SHUTDOWN_REMAINING,
+        CLIENT_ATTEMPTS,
+        CLIENT_CONNECTS,
+        CLIENT_FAILURES,
+        CLIENT_DISCONNECTED,
+        CLIENT_BACKOFF,
     ];
 }
+
+/// The `cause` label of a reconnecting client's attempt whose `on_connect`
+/// hook failed, timed out or panicked; the other causes are
+/// [`HandshakeFailure::as_str`]'s.
+pub const ON_CONNECT_CAUSE: &str = "on_connect";
 
 /// Registers every description, with its unit, in the current recorder.
 fn describe_all() {
@@ -159,6 +180,31 @@ fn describe_all() {
         Unit::Count,
         "Connections a running graceful shutdown still waits for; 0 otherwise."
     );
+    describe_counter!(
+        CLIENT_ATTEMPTS,
+        Unit::Count,
+        "Connection attempts of reconnecting clients."
+    );
+    describe_counter!(
+        CLIENT_CONNECTS,
+        Unit::Count,
+        "Attempts of reconnecting clients that handed the application a connection."
+    );
+    describe_counter!(
+        CLIENT_FAILURES,
+        Unit::Count,
+        "Attempts of reconnecting clients that failed, by cause."
+    );
+    describe_histogram!(
+        CLIENT_DISCONNECTED,
+        Unit::Seconds,
+        "Time a reconnecting client spent without a connection, recorded when it connects again."
+    );
+    describe_gauge!(
+        CLIENT_BACKOFF,
+        Unit::Seconds,
+        "Backoff delays reconnecting clients are waiting out now, summed; 0 when none waits."
+    );
 }
 
 /// The handles one supervisor emits through, registered once at build time.
@@ -181,6 +227,26 @@ pub(crate) struct Metrics {
     pub(crate) hook_duration: Histogram,
     pub(crate) hook_panics: Counter,
     pub(crate) shutdown_remaining: Gauge,
+    pub(crate) client: ClientMetrics,
+}
+
+/// The handles of the reconnecting clients of one supervisor.
+#[derive(Debug)]
+pub(crate) struct ClientMetrics {
+    pub(crate) attempts: Counter,
+    pub(crate) connects: Counter,
+    /// One per [`HandshakeFailure`], then [`ON_CONNECT_CAUSE`].
+    failures: [Counter; HandshakeFailure::ALL.len() + 1],
+    pub(crate) disconnected: Histogram,
+    pub(crate) backoff: Gauge,
+}
+
+impl ClientMetrics {
+    /// An attempt failed with `cause` (`None`: the `on_connect` hook).
+    pub(crate) fn failed(&self, cause: Option<HandshakeFailure>) {
+        let i = cause.map_or(HandshakeFailure::ALL.len(), HandshakeFailure::index);
+        self.failures[i].increment(1);
+    }
 }
 
 impl Metrics {
@@ -232,6 +298,18 @@ impl Metrics {
             hook_duration: histogram(HOOK_DURATION),
             hook_panics: counter(HOOK_PANICS, &[]),
             shutdown_remaining: gauge(SHUTDOWN_REMAINING),
+            client: ClientMetrics {
+                attempts: counter(CLIENT_ATTEMPTS, &[]),
+                connects: counter(CLIENT_CONNECTS, &[]),
+                failures: std::array::from_fn(|i| {
+                    let cause = HandshakeFailure::ALL
+                        .get(i)
+                        .map_or(ON_CONNECT_CAUSE, |c| c.as_str());
+                    counter(CLIENT_FAILURES, &[("cause", cause)])
+                }),
+                disconnected: histogram(CLIENT_DISCONNECTED),
+                backoff: gauge(CLIENT_BACKOFF),
+            },
         }
     }
 
@@ -258,6 +336,11 @@ pub mod buckets {
     /// Detection latency: 10 ms to 5 min.
     pub const DETECTION: &[f64] = &[
         0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
+    ];
+    /// Time a reconnecting client was disconnected: 10 ms to 1 h.
+    pub const DISCONNECTED: &[f64] = &[
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+        3600.0,
     ];
     /// Hook duration: 1 µs to 1 s.
     pub const HOOK: &[f64] = &[

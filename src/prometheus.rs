@@ -20,7 +20,11 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
         .set_buckets_for_metric(Matcher::Full(names::RTT.into()), buckets::RTT)?
         .set_buckets_for_metric(Matcher::Full(names::LIFETIME.into()), buckets::LIFETIME)?
         .set_buckets_for_metric(Matcher::Full(names::DETECTION.into()), buckets::DETECTION)?
-        .set_buckets_for_metric(Matcher::Full(names::HOOK_DURATION.into()), buckets::HOOK)
+        .set_buckets_for_metric(Matcher::Full(names::HOOK_DURATION.into()), buckets::HOOK)?
+        .set_buckets_for_metric(
+            Matcher::Full(names::CLIENT_DISCONNECTED.into()),
+            buckets::DISCONNECTED,
+        )
 }
 
 /// Installs the global Prometheus recorder **without** an HTTP listener, for

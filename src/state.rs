@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::close::{CloseEvent, CloseReason};
 use crate::config::Config;
 use crate::drain::{DrainPlan, position};
-use crate::error::{Error, HandshakeFailure};
+use crate::error::{Error, HandshakeFailure, Refusal};
 use crate::hook::Hooks;
 use crate::metrics::{Metrics, secs};
 use crate::shutdown::Shutdown;
@@ -145,6 +145,18 @@ impl SupervisorState {
         self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
         self.metrics.handshake_failed(cause);
         Error::handshake(cause, source)
+    }
+
+    /// Counts a client upgrade the server refused and returns its error.
+    pub(crate) fn refuse_upgrade(
+        &self,
+        refusal: Refusal,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        let cause = HandshakeFailure::HttpStatus;
+        self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
+        self.metrics.handshake_failed(cause);
+        Error::refused_upgrade(refusal, Some(Box::new(source)))
     }
 
     /// Counts a handshake in flight from `peer`'s address against

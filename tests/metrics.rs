@@ -161,8 +161,9 @@ fn every_metric_is_described_with_a_unit_and_every_series_starts_at_zero() {
             );
         }
     }
-    // 6 × 2 closes + 10 causes + 15 unlabelled series.
-    assert_eq!(snap.kinds.len(), 12 + 10 + 15);
+    // 6 × 2 closes + 14 causes + 15 unlabelled series, and the
+    // reconnecting clients' 14 + 1 failure causes and 4 unlabelled series.
+    assert_eq!(snap.kinds.len(), 12 + 14 + 15 + 15 + 4);
 }
 
 #[tokio::test(start_paused = true)]

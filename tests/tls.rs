@@ -275,10 +275,10 @@ async fn expect_refused_certificate(
         .expect_err("the certificate is not trusted");
     assert_eq!(
         err.handshake_failure(),
-        Some(HandshakeFailure::Io),
+        Some(HandshakeFailure::Tls),
         "{err:?}"
     );
-    assert_eq!(client.handshake_failures(HandshakeFailure::Io), 1);
+    assert_eq!(client.handshake_failures(HandshakeFailure::Tls), 1);
     let cause = tls_error(&err)
         .unwrap_or_else(|| panic!("a rustls error under {err:?}"))
         .clone();

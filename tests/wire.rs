@@ -175,16 +175,23 @@ async fn handshake_timeout_on_a_silent_tcp_client() {
 }
 
 #[tokio::test]
-async fn connect_to_a_closed_port_is_an_io_failure() {
+async fn connect_to_a_closed_port_is_a_connection_refused_failure() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let (sup, events) = supervisor(Config::default());
     let err = sup.connect(format!("ws://{addr}/")).await.unwrap_err();
-    assert_eq!(err.handshake_failure(), Some(HandshakeFailure::Io));
+    assert_eq!(
+        err.handshake_failure(),
+        Some(HandshakeFailure::ConnectionRefused)
+    );
     assert!(std::error::Error::source(&err).is_some());
     assert_eq!(events.len(), 0);
-    assert_eq!(sup.handshake_failures(HandshakeFailure::Io), 1);
+    assert_eq!(
+        sup.handshake_failures(HandshakeFailure::ConnectionRefused),
+        1
+    );
+    assert_eq!(sup.handshake_failures(HandshakeFailure::Io), 0);
 }
 
 #[tokio::test]

@@ -118,6 +118,13 @@ pub fn millis(v: &str) -> Result<Duration, String> {
 
 /// The close hook of every example: one line per closed connection.
 pub fn print_event(e: &CloseEvent) {
+    println!("closed {}", event_fields(e));
+}
+
+/// What the `closed …` line says after its first word: `id=… peer=…
+/// reason=… initiator=… sent=… received=… lived=… pings=… pongs=…
+/// rtt_last=… rtt_smoothed=…`.
+pub fn event_fields(e: &CloseEvent) -> String {
     let code =
         |c: Option<CloseCode>| c.map_or_else(|| "-".to_owned(), |c| u16::from(c).to_string());
     let ms = |d: Option<Duration>| {
@@ -126,8 +133,8 @@ pub fn print_event(e: &CloseEvent) {
             |d| format!("{:.1}ms", d.as_secs_f64() * 1e3),
         )
     };
-    println!(
-        "closed id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
+    format!(
+        "id={} peer={} reason={} initiator={} sent={} received={} lived={:.2}s pings={} pongs={} rtt_last={} rtt_smoothed={}",
         e.id.as_u64(),
         e.peer_addr
             .map_or_else(|| "-".to_owned(), |a| a.to_string()),
@@ -140,5 +147,5 @@ pub fn print_event(e: &CloseEvent) {
         e.stats.pongs_received,
         ms(e.stats.last_rtt),
         ms(e.stats.smoothed_rtt),
-    );
+    )
 }
