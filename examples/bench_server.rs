@@ -12,6 +12,18 @@
 //! * `handwritten` — baseline (b): what users write by hand: default config,
 //!   one task per connection, a `tokio::time::interval` in a `select!` that
 //!   checks the pong deadline at each tick and sends a ping.
+//! * `tuned` — baseline (b′): exactly `handwritten`, but the stream is built
+//!   with `accept_async_with_config` and a `WebSocketConfig` whose
+//!   `read_buffer_size` is 4 KiB (tungstenite's default allocates 128 KiB
+//!   per connection up front): the strongest baseline a careful user writes.
+//! * `floor` — the lowest cost a per-connection design reaches: one task per
+//!   connection, tungstenite only for the handshake (on `&mut TcpStream`),
+//!   then plain tokio: one `sleep_until` per connection (the next ping or
+//!   the pong deadline, whichever is first), a pre-encoded server Ping frame
+//!   written with one write, and whatever the client sends read into a
+//!   small stack buffer and only counted (any bytes count as the pong; EOF
+//!   ends the connection). No echo, no parsing, no library beyond tokio: a
+//!   yardstick for the heartbeat, not a usable server.
 //! * `supervisor` — ws-supervisor with its defaults, except the ping
 //!   interval and pong timeout given on the command line: `accept`.
 //!
@@ -60,15 +72,19 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use ws_supervisor::{Config, Connection, Supervisor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Raw,
     Handwritten,
+    Tuned,
+    Floor,
     Supervisor,
     Axum,
     Hyper,
@@ -126,6 +142,8 @@ fn parse_args() -> Result<Args, String> {
                 args.kind = match value.as_str() {
                     "raw" => Kind::Raw,
                     "handwritten" => Kind::Handwritten,
+                    "tuned" => Kind::Tuned,
+                    "floor" => Kind::Floor,
                     "supervisor" => Kind::Supervisor,
                     "axum" => Kind::Axum,
                     "hyper" => Kind::Hyper,
@@ -214,7 +232,15 @@ async fn serve(args: Args) {
                 tokio::spawn(raw(tcp));
             }
             Kind::Handwritten => {
-                tokio::spawn(handwritten(tcp, args.ping_interval, args.pong_timeout));
+                let (interval, timeout) = (args.ping_interval, args.pong_timeout);
+                tokio::spawn(handwritten(tcp, None, interval, timeout));
+            }
+            Kind::Tuned => {
+                let (interval, timeout) = (args.ping_interval, args.pong_timeout);
+                tokio::spawn(handwritten(tcp, Some(tuned_config()), interval, timeout));
+            }
+            Kind::Floor => {
+                tokio::spawn(floor(tcp, args.ping_interval, args.pong_timeout));
             }
             Kind::Supervisor => {
                 let supervisor = supervisor.clone();
@@ -275,9 +301,20 @@ async fn raw(tcp: TcpStream) {
     }
 }
 
-/// Baseline (b): the per-connection interval most people write by hand.
-async fn handwritten(tcp: TcpStream, interval: Duration, timeout: Duration) {
-    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+/// Baseline (b′)'s only change to (b): a 4 KiB read buffer.
+fn tuned_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4 * 1024)
+}
+
+/// Baseline (b): the per-connection interval most people write by hand;
+/// with `Some(config)`, baseline (b′).
+async fn handwritten(
+    tcp: TcpStream,
+    config: Option<WebSocketConfig>,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, config).await else {
         return;
     };
     let mut tick = tokio::time::interval(interval);
@@ -309,6 +346,60 @@ async fn handwritten(tcp: TcpStream, interval: Duration, timeout: Duration) {
                 Some(Ok(_)) => {}
                 _ => break,
             },
+        }
+    }
+}
+
+/// A server Ping frame with the payload `hb`: FIN + opcode 0x9, unmasked,
+/// length 2.
+const PING_FRAME: [u8; 4] = [0x89, 0x02, b'h', b'b'];
+
+/// A server Close frame, code 1011 (a pong did not come in time).
+const CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xF3];
+
+/// The floor: the heartbeat with nothing but tokio after the handshake.
+async fn floor(mut tcp: TcpStream, interval: Duration, timeout: Duration) {
+    // The handshake by tungstenite on a borrowed stream; the small read
+    // buffer keeps it from allocating 128 KiB for a few hundred bytes. The
+    // client sends nothing before the 101 arrives, so nothing is left in
+    // tungstenite's buffer when it is dropped. Boxed: a task is allocated
+    // at the size of its largest state, and the handshake's would otherwise
+    // stay in the task for the connection's whole life.
+    let config = WebSocketConfig::default().read_buffer_size(1024);
+    let handshake = tokio_tungstenite::accept_async_with_config(&mut tcp, Some(config));
+    if Box::pin(handshake).await.is_err() {
+        return;
+    }
+    let mut next_ping = Instant::now() + interval;
+    let mut deadline: Option<Instant> = None;
+    let mut buf = [0u8; 64];
+    loop {
+        let wake = match deadline {
+            Some(d) if d < next_ping => d,
+            _ => next_ping,
+        };
+        tokio::select! {
+            biased;
+            read = tcp.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                // Whatever the client sends counts as its pong.
+                Ok(_) => deadline = None,
+            },
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    let _ = tcp.write_all(&CLOSE_FRAME).await;
+                    return;
+                }
+                if now >= next_ping {
+                    if tcp.write_all(&PING_FRAME).await.is_err() {
+                        return;
+                    }
+                    // A later ping does not move an earlier deadline.
+                    deadline.get_or_insert(now + timeout);
+                    next_ping = now + interval;
+                }
+            }
         }
     }
 }

@@ -18,8 +18,9 @@
 //! * `detection` — N connections, M of them go silent (TCP open, reading,
 //!   never answering); for each silent one, the time from its first
 //!   unanswered ping to the server's close; false kills among the rest.
-//! * `echo` — 64 connections in a closed loop of 128-byte text messages:
-//!   round trips per second and server CPU per round trip.
+//! * `echo` — 64 connections in a closed loop of text messages of
+//!   `--message-bytes N` bytes (default 128): round trips per second and
+//!   server CPU per round trip.
 //! * `pingfloor` — the reverse heartbeat: N clients each send a ping every
 //!   interval and the server only answers (tungstenite's automatic pong):
 //!   server CPU per ping/pong exchange with no timer on the server side.
@@ -35,7 +36,14 @@
 //! Other flags: `--path /ws` (the request path, default `/`),
 //! `--server-args "ARGS"` (extra flags for `bench_server`, e.g.
 //! `--tls-tickets 0`; echoed in the JSON), `--tag T` (echoed in the JSON,
-//! so a script can tell its runs apart).
+//! so a script can tell its runs apart), `--at-window "CMD"` (idle and
+//! echo: runs `sh -c CMD` with `SERVER_PID` and `WINDOW_S` in its
+//! environment when the measuring window starts, e.g. a profiler attached
+//! to the server for the window; waited for after the window).
+//!
+//! Every result also gives the generator's own CPU time over the window
+//! (`gen_cpu_ms`, all its threads), so a table can say how much of the
+//! machine the generator took when it is not pinned.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -64,6 +72,8 @@ struct Args {
     path: String,
     server_args: String,
     tag: String,
+    message_bytes: usize,
+    at_window: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -81,6 +91,8 @@ fn parse_args() -> Result<Args, String> {
         path: "/".into(),
         server_args: String::new(),
         tag: String::new(),
+        message_bytes: 128,
+        at_window: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -100,8 +112,13 @@ fn parse_args() -> Result<Args, String> {
             "--path" => a.path = v,
             "--server-args" => a.server_args = v,
             "--tag" => a.tag = v,
+            "--message-bytes" => a.message_bytes = num(&v)? as usize,
+            "--at-window" => a.at_window = Some(v),
             other => return Err(format!("unknown flag {other}")),
         }
+    }
+    if a.message_bytes == 0 {
+        return Err("--message-bytes must be at least 1".into());
     }
     if a.server.is_empty() {
         return Err("--server PATH is required".into());
@@ -220,22 +237,61 @@ impl Server {
 
     /// CPU time of every thread, nanoseconds (schedstat is exact, unlike ticks).
     fn cpu_ns(&self) -> u64 {
-        let dir = format!("/proc/{}/task", self.pid());
-        std::fs::read_dir(dir)
-            .map(|tasks| {
-                tasks
-                    .flatten()
-                    .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                    .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0)
+        cpu_ns_of(&self.pid().to_string())
     }
 
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU time of every thread of this process (the generator), nanoseconds.
+fn own_cpu_ns() -> u64 {
+    cpu_ns_of("self")
+}
+
+/// CPU time of every thread of process `pid` ("self" for this one), from
+/// schedstat (exact, unlike ticks), nanoseconds.
+fn cpu_ns_of(pid: &str) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `--at-window`'s command, if any, as the measuring window starts.
+fn at_window(args: &Args, server: &Server) -> Option<Child> {
+    let cmd = args.at_window.as_ref()?;
+    let child = Command::new("sh")
+        .args(["-c", cmd])
+        .env("SERVER_PID", server.pid().to_string())
+        .env("WINDOW_S", args.window.as_secs().to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the --at-window command");
+    Some(child)
+}
+
+/// Waits for `--at-window`'s command (bounded: it gets the window plus 60 s,
+/// then it is killed).
+async fn wait_at_window(child: Option<Child>, window: Duration) {
+    let Some(mut child) = child else { return };
+    let bound = Instant::now() + window + Duration::from_secs(60);
+    while Instant::now() < bound {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("loadgen: the --at-window command did not end in time; killed");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The server goes with the generator, also when a scenario panics (a
@@ -323,9 +379,13 @@ impl Client {
         frame.push(0x80 | opcode);
         match payload.len() {
             n if n < 126 => frame.push(0x80 | n as u8),
-            n => {
+            n if n <= u16::MAX as usize => {
                 frame.push(0x80 | 126);
                 frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
             }
         }
         // A zero mask: valid, and the payload goes out as is.
@@ -488,16 +548,20 @@ async fn idle(args: &Args, server: &Server) -> String {
     .await;
     // Settle: every connection has had its first pings.
     sleep(Duration::from_millis(args.interval_ms * 2 + 1000)).await;
-    let (cpu0, pongs0, closed0) = (
+    let (cpu0, pongs0, closed0, gen0) = (
         server.cpu_ns(),
         shared.pongs.load(Relaxed),
         shared.closed.load(Relaxed),
+        own_cpu_ns(),
     );
     let started = Instant::now();
+    let profiler = at_window(args, server);
     sleep(args.window).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_ns = server.cpu_ns() - cpu0;
+    let gen_ns = own_cpu_ns() - gen0;
     let heartbeats = shared.pongs.load(Relaxed) - pongs0;
+    wait_at_window(profiler, args.window).await;
     let rss = server.rss_kib();
     let wrongly_closed = shared.closed.load(Relaxed);
     let per_heartbeat = if heartbeat_kind(&args.kind) && heartbeats > 0 {
@@ -510,7 +574,7 @@ async fn idle(args: &Args, server: &Server) -> String {
             r#"{{"scenario":"idle","kind":"{}","conns":{},"interval_ms":{},"timeout_ms":{},"#,
             r#""rss_zero_kib":{},"rss_kib":{},"rss_per_conn_kib":{:.3},"window_s":{:.1},"#,
             r#""cpu_ms":{:.1},"heartbeats":{},"cpu_us_per_heartbeat":{},"cpu_us_per_conn_s":{:.3},"#,
-            r#""wrongly_closed":{},"closed_during_window":{}}}"#
+            r#""wrongly_closed":{},"closed_during_window":{},"gen_cpu_ms":{:.1}}}"#
         ),
         args.kind,
         args.conns,
@@ -526,6 +590,7 @@ async fn idle(args: &Args, server: &Server) -> String {
         cpu_ns as f64 / 1e3 / args.conns as f64 / elapsed,
         wrongly_closed,
         wrongly_closed - closed0,
+        gen_ns as f64 / 1e6,
     )
 }
 
@@ -632,13 +697,14 @@ async fn echo(args: &Args, server: &Server) -> String {
     let clients = open(args, server, conns).await;
     let round_trips = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let message = [b'x'; 128];
+    let message: Arc<[u8]> = vec![b'x'; args.message_bytes].into();
     sleep(Duration::from_millis(500)).await;
-    let cpu0 = server.cpu_ns();
+    let (cpu0, gen0) = (server.cpu_ns(), own_cpu_ns());
     let started = Instant::now();
+    let profiler = at_window(args, server);
     let mut tasks = Vec::new();
     for mut client in clients {
-        let (round_trips, stop) = (round_trips.clone(), stop.clone());
+        let (round_trips, stop, message) = (round_trips.clone(), stop.clone(), message.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Relaxed) {
                 if client.send(OP_TEXT, &message).await.is_err() {
@@ -667,21 +733,26 @@ async fn echo(args: &Args, server: &Server) -> String {
     stop.store(true, Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_ns = server.cpu_ns() - cpu0;
+    let gen_ns = own_cpu_ns() - gen0;
     let n = round_trips.load(Relaxed);
+    wait_at_window(profiler, args.window).await;
     for task in tasks {
         let _ = timeout(Duration::from_secs(5), task).await;
     }
     format!(
         concat!(
-            r#"{{"scenario":"echo","kind":"{}","conns":{},"message_bytes":128,"window_s":{:.1},"#,
-            r#""round_trips":{},"round_trips_per_s":{:.0},"cpu_ms":{:.1},"cpu_us_per_round_trip":{:.3}}}"#
+            r#"{{"scenario":"echo","kind":"{}","conns":{},"message_bytes":{},"window_s":{:.1},"#,
+            r#""round_trips":{},"round_trips_per_s":{:.0},"cpu_ms":{:.1},"cpu_us_per_round_trip":{:.3},"#,
+            r#""gen_cpu_ms":{:.1}}}"#
         ),
         args.kind,
         conns,
+        args.message_bytes,
         elapsed,
         n,
         n as f64 / elapsed,
         cpu_ns as f64 / 1e6,
         cpu_ns as f64 / 1e3 / n.max(1) as f64,
+        gen_ns as f64 / 1e6,
     )
 }
