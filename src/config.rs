@@ -635,8 +635,9 @@ impl ConfigBuilder {
         self
     }
 
-    /// Bytes of messages read but not yet taken by the application. Within
-    /// it the supervisor keeps
+    /// Bytes of messages read but not yet taken by the application (each
+    /// counts its payload plus its queue slot, about 40 bytes, so a flood of
+    /// empty messages fills it too). Within it the supervisor keeps
     /// reading even while the application does not, so a silent peer is
     /// still found by its pong deadline. Beyond it, reading pauses (TCP
     /// pushes back on the peer) and the pong deadline is suspended, for at

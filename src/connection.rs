@@ -55,8 +55,9 @@ pub(crate) struct Shared {
     unread: AtomicUsize,
     /// `inbound_buffer_limit`: at this many unread bytes the driver pauses.
     inbound_limit: usize,
-    /// The driver's task: woken when the application takes a message while
-    /// the budget is full, and by the socket through [`read_waker`].
+    /// The driver's task: woken by the socket through [`read_waker`], by a
+    /// send, by a take while the budget is full, and by the application
+    /// dropping its `Connection`.
     ///
     /// [`read_waker`]: Shared::read_waker
     reader: AtomicWaker,
@@ -102,6 +103,13 @@ fn drained<T>(queue: &mut VecDeque<T>) {
     if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
         *queue = VecDeque::new();
     }
+}
+
+/// What a message counts against the inbound budget: its payload and its
+/// slot in the queue, so that a flood of empty messages fills the budget
+/// too.
+fn cost(message: &Message) -> usize {
+    message.len() + std::mem::size_of::<Message>()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -151,7 +159,7 @@ impl Shared {
 
     /// The driver read `message` for the application.
     pub(crate) fn deliver(&self, message: Message) {
-        self.unread.fetch_add(message.len(), Relaxed);
+        self.unread.fetch_add(cost(&message), Relaxed);
         lock(&self.inbox).messages.push_back(message);
         self.app.wake();
     }
@@ -180,7 +188,7 @@ impl Shared {
             Some(message) => {
                 drained(&mut inbox.messages);
                 drop(inbox);
-                self.took(message.len());
+                self.took(cost(&message));
                 Some(Some(message))
             }
             None => inbox.ended.then_some(None),
@@ -270,6 +278,12 @@ impl Shared {
             self.app_panicked.store(true, Relaxed);
         }
         self.app_gone.store(true, Release);
+        // Nobody will read what is queued: free it now, not when the driver
+        // ends (up to `close_timeout` later).
+        let unread = std::mem::take(&mut lock(&self.inbox).messages);
+        self.unread
+            .fetch_sub(unread.iter().map(cost).sum(), Release);
+        drop(unread);
         self.reader.wake();
     }
 
@@ -717,7 +731,7 @@ mod tests {
         let s = shared(1);
         s.deliver(Message::text("x"));
         s.deliver(Message::binary(vec![1u8; 10]));
-        assert_eq!(s.unread.load(Relaxed), 11);
+        assert_eq!(s.unread.load(Relaxed), 11 + 2 * size_of::<Message>());
         s.end_inbox();
         let take = || std::future::poll_fn(|cx| s.poll_take(cx));
         assert_eq!(take().await, Some(Message::text("x")));
@@ -729,6 +743,22 @@ mod tests {
             4,
             "a drained queue keeps a few slots"
         );
+    }
+
+    #[test]
+    fn empty_messages_count_against_the_budget_and_a_dropped_app_frees_them() {
+        let s = Arc::new(Shared::new(Instant::now(), 10 * size_of::<Message>(), 1));
+        for _ in 0..10 {
+            assert!(!s.over_budget());
+            s.deliver(Message::binary(Vec::new()));
+        }
+        assert!(
+            s.over_budget(),
+            "ten empty messages fill a budget of ten slots"
+        );
+        s.app_dropped(false);
+        assert_eq!(s.unread.load(Relaxed), 0);
+        assert!(lock(&s.inbox).messages.is_empty());
     }
 
     #[tokio::test]

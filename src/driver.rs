@@ -49,6 +49,11 @@ pub(crate) struct Probe<S> {
     pub(crate) last_close: fn(&S) -> Option<RawClose>,
     /// A pong the stream took out before tungstenite saw it, if any.
     pub(crate) take_pong: fn(&mut S) -> Option<[u8; 8]>,
+    /// After a message: whether the stream is drained and registered for
+    /// its next bytes (then reading again would only find nothing).
+    pub(crate) parked: fn(&mut S, &mut Context<'_>) -> bool,
+    /// Tells the stream that this driver takes pongs and asks `parked`.
+    pub(crate) drive: fn(&mut S),
 }
 
 impl<S> Probe<S> {
@@ -58,17 +63,21 @@ impl<S> Probe<S> {
             written: |_| None,
             last_close: |_| None,
             take_pong: |_| None,
+            parked: |_, _| false,
+            drive: |_| {},
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> Probe<ReadLayer<T>> {
+impl<T: AsyncRead + Unpin + 'static> Probe<ReadLayer<T>> {
     /// A stream the supervisor built.
     pub(crate) fn read_layer() -> Self {
         Self {
             written: ReadLayer::bytes_written,
             last_close: ReadLayer::last_close,
             take_pong: ReadLayer::take_pong,
+            parked: ReadLayer::parked,
+            drive: ReadLayer::drive,
         }
     }
 }
@@ -95,6 +104,8 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     last_close: fn(&S) -> Option<RawClose>,
     /// A pong the stream read past tungstenite, where it does that.
     take_pong: fn(&mut S) -> Option<[u8; 8]>,
+    /// Whether the stream is drained and registered after a message.
+    parked: fn(&mut S, &mut Context<'_>) -> bool,
     guard: CloseGuard,
 }
 
@@ -180,7 +191,7 @@ where
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        ws: WebSocketStream<S>,
+        mut ws: WebSocketStream<S>,
         state: Arc<SupervisorState>,
         shared: Arc<Shared>,
         id: ConnectionId,
@@ -188,6 +199,7 @@ where
         slot: Slot,
         probe: Probe<S>,
     ) -> Self {
+        (probe.drive)(ws.get_mut());
         let config = state.config();
         // Uniform in [0, 1), from the per-supervisor random seed.
         let unit = (state.random(id, Purpose::PingPhase) >> 11) as f64 / (1u64 << 53) as f64;
@@ -222,6 +234,7 @@ where
             },
             last_close: probe.last_close,
             take_pong: probe.take_pong,
+            parked: probe.parked,
             write: WriteSide {
                 dirty: false,
                 blocked_since: None,
@@ -281,10 +294,12 @@ where
             progress |= self.poll_app_gone(now);
             progress |= self.poll_read(now);
             progress |= self.poll_commands(cx, now);
-            // Timers before the flush: a ping or Close they queue goes out
-            // in the same turn.
-            progress |= self.on_timers(now);
             progress |= self.poll_flush(cx, now);
+            if self.on_timers(now) {
+                progress = true;
+                // A ping or Close the timers queued goes out in this turn.
+                self.poll_flush(cx, now);
+            }
             self.refuse_sends_once_closing();
             if self.phase == Phase::Done {
                 return Poll::Ready(());
@@ -449,6 +464,11 @@ where
         }
         let mut cx = Context::from_waker(&self.to_app.waker);
         let read = Pin::new(&mut self.ws).poll_next(&mut cx);
+        // After a message, the stream may know that nothing is left. Not
+        // after a Close: tungstenite ends the stream on the next read
+        // without a byte from the socket.
+        let parked = matches!(&read, Poll::Ready(Some(Ok(m))) if !m.is_close())
+            && (self.parked)(self.ws.get_mut(), &mut cx);
         // A pong the read layer took comes first: it was read first.
         let pong = (self.take_pong)(self.ws.get_mut());
         if let Some(payload) = pong {
@@ -467,7 +487,8 @@ where
                 pong.is_some()
             }
             Poll::Ready(Some(Ok(message))) => {
-                self.to_app.frames_waiting = true;
+                self.to_app.frames_waiting = !parked;
+                self.to_app.armed = parked;
                 self.on_message(message, now);
                 true
             }
@@ -926,8 +947,10 @@ where
 /// A driver dropped before its connection ended: the runtime dropped the
 /// task (the process is exiting without a shutdown), or our own code
 /// panicked. Without a panic, the peer is told with a best-effort Close
-/// 1001 "runtime stopped" (written if the socket takes it at once, never
-/// waited for), and the verdict says so; the guard then runs the hooks.
+/// (written if the socket takes it at once, never waited for): 1001
+/// "runtime stopped", or during a shutdown the shutdown's own code
+/// (`drain_close_code`); the verdict says so, and the guard then runs the
+/// hooks.
 impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
     fn drop(&mut self) {
         self.shared.unregister_driver();

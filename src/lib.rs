@@ -76,14 +76,17 @@
 //!   subprotocol choice, the 101 response and the refusals (400, 403, 426,
 //!   429, 503), with no I/O.
 //! * [`ReadLayer`] (`transport.rs`): the lean read layer under every
-//!   connection the supervisor builds.
+//!   connection the supervisor builds; it also hands the driver the peer's
+//!   pongs without a pass through tungstenite.
 //! * `hyper.rs` (`Supervisor::upgrade`, feature `hyper`) and `axum`
 //!   (`axum.rs`, feature `axum`): the HTTP upgrade integrations.
 //! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
-//!   holds — a stream of messages, a cloneable sender, close, stats.
+//!   holds — a stream of messages, a cloneable sender, close, stats — and
+//!   the state it shares with the driver: the queues both ways and the
+//!   waker that tells the driver whether its socket woke it.
 //! * `driver.rs`: the per-connection task that owns the socket and runs the
 //!   steps (read, deliver, write, flush, timers) over the pieces below;
-//!   `signal.rs`: its one-shot wake-ups (shutdown, the application gone).
+//!   `signal.rs`: its one-shot wake-up for the shutdown.
 //! * `heartbeat.rs`: the ping schedule, pong matching and RTT estimate, with
 //!   no I/O; `app_heartbeat.rs`: application-level pings ([`AppPong`]) —
 //!   the probe message, its answer, replies to the peer's own — with no I/O.

@@ -51,6 +51,18 @@ pub struct ReadLayer<S> {
     pong: Option<[u8; 8]>,
     /// Whether the peer's frames are masked (we are the server).
     peer_masks: bool,
+    /// A driver that asks for them takes the pongs and the `parked` answers
+    /// (see [`drive`](Self::drive)); on a stream given to `supervise`,
+    /// nobody does, and every frame goes to tungstenite.
+    driven: bool,
+    /// The last socket read returned fewer bytes than asked for (so tokio
+    /// cleared the socket's readiness).
+    short: bool,
+    /// The last read handed tungstenite exactly one whole frame, from a
+    /// short socket read, keeping nothing back: once tungstenite returns its
+    /// message, every byte the socket gave is consumed (see
+    /// [`parked`](Self::parked)).
+    whole: bool,
 }
 
 impl<S> ReadLayer<S> {
@@ -76,6 +88,9 @@ impl<S> ReadLayer<S> {
             sniffer: CloseSniffer::frames(),
             pong: None,
             peer_masks: true,
+            driven: false,
+            short: false,
+            whole: false,
         }
     }
 
@@ -93,6 +108,35 @@ impl<S> ReadLayer<S> {
     /// was on the wire (tungstenite replaces a code it does not allow).
     pub(crate) fn last_close(&self) -> Option<RawClose> {
         self.sniffer.last.clone()
+    }
+
+    /// The driver will take pongs ([`take_pong`](Self::take_pong)) and ask
+    /// [`parked`](Self::parked): from here on this layer takes pongs out of
+    /// the stream.
+    pub(crate) fn drive(&mut self) {
+        self.driven = true;
+    }
+
+    /// Whether the socket is now registered for its next bytes and every
+    /// byte it gave so far is consumed once tungstenite has returned the
+    /// message of the last read: the driver then need not read again to
+    /// find nothing. Only a plain `TcpStream` is asked (its readiness can be
+    /// polled without a read); takes the mark, so it answers once per read.
+    pub(crate) fn parked(&mut self, cx: &mut Context<'_>) -> bool
+    where
+        S: 'static,
+    {
+        if !std::mem::take(&mut self.whole) {
+            return false;
+        }
+        let io: &mut dyn std::any::Any = &mut self.io;
+        let Some(tcp) = io.downcast_mut::<tokio::net::TcpStream>() else {
+            return false;
+        };
+        // Readiness was cleared by the short read: this registers `cx`
+        // without a system call. (A `Pending` for tokio's cooperative budget
+        // registers nothing, and is not parked.)
+        tcp.poll_read_ready(cx).is_pending() && tokio::task::coop::has_budget_remaining()
     }
 
     /// The pong this layer took out of the stream, if any (see
@@ -147,6 +191,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         let mut buf = ReadBuf::uninit(&mut stack[..self.chunk]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
         let filled = buf.filled();
+        self.short = filled.len() < self.chunk;
         let n = out.remaining().min(filled.len());
         out.put_slice(&filled[..n]);
         if n < filled.len() {
@@ -156,9 +201,10 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     }
 }
 
-/// Reads that may consist of nothing but pongs this layer takes, in one
-/// `poll_read`, before it yields.
-const PONG_ONLY_READS: usize = 4;
+/// Reads in one `poll_read`: a read of nothing but a pong this layer took
+/// leaves tungstenite without bytes, so it reads once more; that read
+/// passes everything (the pong slot is full until the driver takes it).
+const PONG_ONLY_READS: usize = 2;
 
 /// The stream, less the pongs the driver takes directly.
 ///
@@ -176,18 +222,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.whole = false;
         for _ in 0..PONG_ONLY_READS {
             let before = out.filled().len();
             ready!(self.as_mut().read_to(cx, out))?;
             let read = out.filled().len() - before;
-            let kept = self.pass(&mut out.filled_mut()[before..]);
+            let from_boundary = self.sniffer.at_boundary();
+            let (kept, frames) = self.pass(&mut out.filled_mut()[before..]);
             out.set_filled(before + kept);
             if kept > 0 || read == 0 {
+                self.whole = from_boundary
+                    && frames == 1
+                    && self.sniffer.at_boundary()
+                    && self.short
+                    && self.spill.is_empty();
                 return Poll::Ready(Ok(()));
             }
             // Only a pong we took: tungstenite needs bytes (or `Pending`).
         }
-        // Pongs without end: let the driver take them, and come back.
+        // Not reached (see `PONG_ONLY_READS`); if it were, the driver would
+        // take the pong and come back.
         cx.waker().wake_by_ref();
         Poll::Pending
     }
@@ -196,11 +250,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
 impl<S> ReadLayer<S> {
     /// Follows `bytes`, just read, frame by frame; takes out a pong for the
     /// driver where one may be taken, and returns how many bytes are left
-    /// (moved to the front) for tungstenite.
-    fn pass(&mut self, bytes: &mut [u8]) -> usize {
-        let (mut at, mut kept) = (0, 0);
+    /// (moved to the front) for tungstenite, and in how many frames (or
+    /// parts of frames).
+    fn pass(&mut self, bytes: &mut [u8]) -> (usize, usize) {
+        let (mut at, mut kept, mut frames) = (0, 0, 0);
         while at < bytes.len() {
-            if self.pong.is_none() && self.sniffer.at_boundary() {
+            // Not after the peer's Close: tungstenite must see (and refuse)
+            // any frame behind it.
+            let takes = self.driven && self.pong.is_none() && self.sniffer.last.is_none();
+            if takes && self.sniffer.at_boundary() {
                 if let Some((len, payload)) = whole_pong(&bytes[at..], self.peer_masks) {
                     self.pong = Some(payload);
                     at += len;
@@ -213,8 +271,9 @@ impl<S> ReadLayer<S> {
             }
             at += n;
             kept += n;
+            frames += 1;
         }
-        kept
+        (kept, frames)
     }
 }
 
@@ -245,6 +304,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.short = false;
         if this.pos < this.spill.len() {
             let n = out.remaining().min(this.spill.len() - this.pos);
             out.put_slice(&this.spill[this.pos..this.pos + n]);
@@ -258,7 +318,9 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         }
         if out.remaining() >= this.chunk {
             // Big enough: read straight into the caller's buffer.
-            return Pin::new(&mut this.io).poll_read(cx, out);
+            ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
+            this.short = out.remaining() > 0;
+            return Poll::Ready(Ok(()));
         }
         // Small chunks (the default) get a small stack frame: a 64 KiB one
         // costs a stack probe per page on every read.
@@ -533,6 +595,7 @@ fn header_done(buf: &[u8; 14], have: u8) -> Option<Sniff> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -636,6 +699,7 @@ mod tests {
         stream.extend(frame(0x8, &close, key));
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive();
         tx.write_all(&stream).await.unwrap();
         drop(tx);
         let (passed, pongs) = drain(&mut t).await;
@@ -644,6 +708,27 @@ mod tests {
         rest.extend(frame(0x8, &close, key));
         assert_eq!(passed, rest, "everything but the pong, byte for byte");
         assert_eq!(t.sniffer.last.as_ref().and_then(|c| c.code), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn an_undriven_layer_or_a_pong_after_the_close_passes_everything() {
+        let key = Some([1, 2, 3, 4]);
+        let pong = frame(0xA, b"12345678", key);
+        // A layer given to `supervise`: no driver takes pongs from it.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        tx.write_all(&pong).await.unwrap();
+        drop(tx);
+        assert_eq!(drain(&mut t).await, (pong.clone(), vec![]));
+        // Behind the peer's Close, tungstenite must see every frame.
+        let mut bytes = frame(0x8, &1000u16.to_be_bytes(), key);
+        bytes.extend(&pong);
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive();
+        tx.write_all(&bytes).await.unwrap();
+        drop(tx);
+        assert_eq!(drain(&mut t).await, (bytes, vec![]));
     }
 
     #[tokio::test]
@@ -671,6 +756,7 @@ mod tests {
         for (what, bytes) in cases {
             let (mut tx, rx) = tokio::io::duplex(1 << 16);
             let mut t = ReadLayer::with_chunk(rx, 4096);
+            t.drive();
             tx.write_all(&bytes).await.unwrap();
             drop(tx);
             let mut passed = vec![0u8; 256];
@@ -698,6 +784,7 @@ mod tests {
         // Split: the first read ends inside the pong, so it is not taken.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive();
         let pong = frame(0xA, b"12345678", Some([5, 5, 5, 5]));
         tx.write_all(&pong[..5]).await.unwrap();
         let mut buf = [0u8; 64];
@@ -710,6 +797,7 @@ mod tests {
         // A client's layer: the server's pongs are unmasked, after the head.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::for_client(rx, 4096);
+        t.drive();
         let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
         let mut bytes = head.clone();
         bytes.extend(frame(0xA, b"87654321", None));
@@ -724,6 +812,7 @@ mod tests {
     async fn a_read_of_nothing_but_a_pong_is_pending_not_the_end() {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive();
         tx.write_all(&frame(0xA, b"12345678", Some([1, 1, 1, 1])))
             .await
             .unwrap();
@@ -734,6 +823,87 @@ mod tests {
         assert_eq!(t.take_pong(), Some(*b"12345678"));
         tx.write_all(b"x").await.unwrap();
         assert_eq!(t.read(&mut buf).await.unwrap(), 1);
+    }
+
+    /// A connected pair on loopback: our layer's socket and the peer's.
+    async fn tcp_pair() -> (ReadLayer<tokio::net::TcpStream>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(peer, listener.accept());
+        (
+            ReadLayer::with_chunk(accepted.unwrap().0, 4096),
+            peer.unwrap(),
+        )
+    }
+
+    /// Reads what the peer wrote (one read), and asks `parked` with a waker
+    /// that counts its wakes.
+    async fn read_then_park(
+        t: &mut ReadLayer<tokio::net::TcpStream>,
+        wakes: &Arc<Counter>,
+    ) -> (usize, bool) {
+        let mut buf = [0u8; 256];
+        let n = t.read(&mut buf).await.unwrap();
+        let waker = std::task::Waker::from(wakes.clone());
+        (n, t.parked(&mut Context::from_waker(&waker)))
+    }
+
+    #[derive(Default)]
+    struct Counter(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn one_whole_frame_parks_the_socket_and_its_next_bytes_wake_us() {
+        let (mut t, mut peer) = tcp_pair().await;
+        let wakes = Arc::new(Counter::default());
+        let text = frame(0x1, b"hello", Some([1, 2, 3, 4]));
+        peer.write_all(&text).await.unwrap();
+        let (n, parked) = read_then_park(&mut t, &wakes).await;
+        assert_eq!((n, parked), (text.len(), true));
+        assert!(
+            !t.parked(&mut Context::from_waker(std::task::Waker::noop())),
+            "once per read"
+        );
+        peer.write_all(&text).await.unwrap();
+        // The registration made by `parked` is what tells us.
+        for _ in 0..1000 {
+            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn more_or_less_than_one_whole_frame_is_not_parked() {
+        let key = Some([1, 2, 3, 4]);
+        let one = frame(0x1, b"hello", key);
+        let two = [one.clone(), one.clone()].concat();
+        let wakes = Arc::new(Counter::default());
+        // Two frames in one read: tungstenite keeps the second buffered.
+        let (mut t, mut peer) = tcp_pair().await;
+        peer.write_all(&two).await.unwrap();
+        let (n, parked) = read_then_park(&mut t, &wakes).await;
+        assert_eq!((n, parked), (two.len(), false));
+        // Half a frame: more is to come.
+        let (mut t, mut peer) = tcp_pair().await;
+        peer.write_all(&one[..4]).await.unwrap();
+        assert_eq!(read_then_park(&mut t, &wakes).await, (4, false));
+        peer.write_all(&one[4..]).await.unwrap();
+        // The rest ends the frame but did not start at a boundary.
+        assert_eq!(read_then_park(&mut t, &wakes).await, (one.len() - 4, false));
+        // A stream that is not a TcpStream is never parked.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut d = ReadLayer::with_chunk(rx, 4096);
+        tx.write_all(&one).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert_eq!(d.read(&mut buf).await.unwrap(), one.len());
+        assert!(!d.parked(&mut Context::from_waker(std::task::Waker::noop())));
     }
 
     #[test]

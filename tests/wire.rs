@@ -213,3 +213,52 @@ async fn reset_by_peer_is_abnormal() {
         (CloseReason::Abnormal, Initiator::Remote)
     );
 }
+
+/// Pins a bug found in review: with the timers run before the flush, a
+/// connection whose application kept sending had its write side dirty in
+/// every turn a ping came due, so every ping was skipped and no pong
+/// deadline ever ran. Over a real socket, an application that streams
+/// messages as fast as the peer reads them still pings on schedule.
+#[tokio::test]
+async fn a_connection_that_streams_messages_still_pings_on_schedule() {
+    let config = heartbeat(Duration::from_millis(20), Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            sup.accept_tcp(tcp).await.unwrap()
+        })
+    };
+    let (mut peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    let conn = accept.await.unwrap();
+    // The peer reads everything (and tungstenite answers the pings).
+    let reader = tokio::spawn(async move {
+        let mut texts = 0u64;
+        while let Some(Ok(message)) = peer.next().await {
+            texts += u64::from(message.is_text());
+        }
+        texts
+    });
+    // Stream until 10 pings went out, bounded in count and time.
+    let streamed = timeout(BOUND, async {
+        let mut sent = 0u64;
+        while conn.stats().pings_sent < 10 && sent < 10_000_000 {
+            conn.send("tick").await.unwrap();
+            sent += 1;
+        }
+        sent
+    })
+    .await
+    .expect("10 pings while streaming (every one skipped?)");
+    assert!(conn.stats().pongs_received >= 1, "{:?}", conn.stats());
+    drop(conn);
+    let texts = timeout(BOUND, reader).await.unwrap().unwrap();
+    assert_eq!(texts, streamed, "every message arrived");
+}

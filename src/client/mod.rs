@@ -584,7 +584,7 @@ impl Runner {
             if let Some(hint) = policy::server_hint(&failed) {
                 // Honour the server, spread by the backoff draw so clients
                 // told the same wait do not return together; never past max.
-                wait = (hint + wait).min(self.backoff.max());
+                wait = hint.saturating_add(wait).min(self.backoff.max());
             }
             self.last_error = Some(failed);
             delay = Some(wait);
@@ -879,6 +879,24 @@ mod tests {
         assert_eq!(client.attempts(), 4);
         assert_eq!(client.downtime(), Duration::from_secs(70));
         assert_eq!(client.last_error().and_then(Error::http_status), Some(404));
+        drop(conn);
+    }
+
+    /// Pins a bug found in review: a hint of u64::MAX seconds plus the
+    /// backoff draw overflowed `Duration` and panicked the client.
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_retry_after_is_capped_at_max_not_a_panic() {
+        let supervisor = Supervisor::new(Config::default());
+        let server = Server::new([
+            Attempt::Refuse(503, Some(Duration::from_secs(u64::MAX))),
+            Attempt::Stay,
+        ]);
+        let t0 = Instant::now();
+        let mut client = builder(&supervisor, &server, fixed(1.0).build().unwrap())
+            .build()
+            .unwrap();
+        let conn = client.next().await.expect("connected");
+        assert_eq!(server.times(t0), [0.0, 60.0]);
         drop(conn);
     }
 

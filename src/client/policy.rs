@@ -102,7 +102,8 @@ pub(crate) fn server_hint(err: &Error) -> Option<Duration> {
 pub(crate) fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        // Huge values saturate; the client caps the wait at its max anyway.
+        // Huge values saturate; the client adds with saturation and caps
+        // the wait at its max.
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let at = http_date(value)?;
