@@ -478,3 +478,35 @@ async fn the_detection_bound_holds_for_connections_opened_off_the_slot_grid() {
         drained.await.unwrap();
     }
 }
+
+/// Pins a bug found in review: the read layer took a peer's 8-byte pong out
+/// of the stream on every stream, but a stream given to `supervise` has no
+/// driver asking for it, so the pong was lost and an idle, healthy peer
+/// timed out. A `supervise`d `ReadLayer` stream keeps its pongs.
+#[tokio::test(start_paused = true)]
+async fn a_supervised_read_layer_stream_keeps_its_pongs() {
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let config = heartbeat(SEC, SEC).build().unwrap();
+    let (sup, events) = supervisor(config);
+    let (server, client) = tokio::io::duplex(64 * 1024);
+    let server = ws_supervisor::ReadLayer::new(server, sup.config());
+    let ws = WebSocketStream::from_raw_socket(
+        server,
+        Role::Server,
+        Some(sup.config().websocket_config()),
+    )
+    .await;
+    // The peer: a tungstenite client past its handshake; it answers pings.
+    let mut peer = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+    let conn = sup.supervise(ws, None).await.unwrap();
+    let answering = tokio::spawn(async move {
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut peer).await {}
+    });
+    tokio::time::sleep(5 * SEC).await;
+    let stats = conn.stats();
+    assert!(stats.pongs_received >= 4, "{stats:?}");
+    assert!(conn.close_event().is_none(), "still open after 5 intervals");
+    assert_eq!(events.len(), 0);
+    answering.abort();
+}
