@@ -281,13 +281,15 @@ where
     {
         // Whatever woke us, the socket's wakes and the application's (a
         // send, a take, a drop) reach this task through the waker in
-        // `Shared`: register the task there, then see whether the socket
-        // was among them.
+        // `Shared`: register the task there; each turn then sees whether
+        // the socket was among them.
         self.shared.register_driver(cx.waker());
-        if self.shared.take_read_wake() {
-            self.to_app.armed = false;
-        }
         for _ in 0..BUDGET {
+            // A socket wake during an earlier turn of this poll counts too
+            // (the pong deadline must not miss a pong that just arrived).
+            if self.shared.take_read_wake() {
+                self.to_app.armed = false;
+            }
             let now = Instant::now();
             let mut progress = false;
             progress |= self.poll_shutdown(cx, shutdown.as_mut(), now);
@@ -454,12 +456,17 @@ where
     fn poll_read(&mut self, now: Instant) -> bool {
         let reading = matches!(self.phase, Phase::Open | Phase::Closing { .. });
         self.to_app.frames_waiting = false;
-        if self.to_app.armed && reading {
-            // Nothing new since our last read found nothing.
+        if !reading {
+            self.to_app.armed = false;
             return false;
         }
-        self.to_app.armed = false;
-        if !reading || self.paused_for_budget(now) {
+        // The budget first: a message that filled it pauses reading now,
+        // even if the socket has nothing new (the registration stays).
+        if self.paused_for_budget(now) {
+            return false;
+        }
+        if self.to_app.armed {
+            // Nothing new since our last read found nothing.
             return false;
         }
         let mut cx = Context::from_waker(&self.to_app.waker);

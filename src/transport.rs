@@ -114,7 +114,9 @@ impl<S> ReadLayer<S> {
     /// [`parked`](Self::parked): from here on this layer takes pongs out of
     /// the stream.
     pub(crate) fn drive(&mut self) {
-        self.driven = true;
+        // A client's sniffer that has not seen the end of the HTTP head by
+        // now has lost the frame boundaries: take nothing, trust nothing.
+        self.driven = self.sniffer.in_frames();
     }
 
     /// Whether the socket is now registered for its next bytes and every
@@ -126,7 +128,7 @@ impl<S> ReadLayer<S> {
     where
         S: 'static,
     {
-        if !std::mem::take(&mut self.whole) {
+        if !std::mem::take(&mut self.whole) || !self.driven {
             return false;
         }
         let io: &mut dyn std::any::Any = &mut self.io;
@@ -392,7 +394,7 @@ struct CloseSniffer {
 #[derive(Debug)]
 enum Sniff {
     /// A client's layer: the server's HTTP response head still passes;
-    /// `matched` bytes of the blank line that ends it were seen.
+    /// `matched` line feeds in a row were seen (CRs skipped): 2 end it.
     HttpHead { matched: u8 },
     /// The first `have` bytes of a frame header.
     Header { buf: [u8; 14], have: u8 },
@@ -431,6 +433,11 @@ impl CloseSniffer {
         }
     }
 
+    /// Whether the HTTP head (of a client's stream) is behind us.
+    fn in_frames(&self) -> bool {
+        !matches!(self.state, Sniff::HttpHead { .. })
+    }
+
     /// Whether the next byte starts a frame.
     fn at_boundary(&self) -> bool {
         matches!(self.state, Sniff::Header { have: 0, .. })
@@ -464,15 +471,16 @@ impl CloseSniffer {
         while !bytes.is_empty() {
             match &mut self.state {
                 Sniff::HttpHead { matched } => {
+                    // The head ends at an empty line; as for httparse, a
+                    // line may end with LF alone, so CRs are skipped.
                     let byte = bytes[0];
                     bytes = &bytes[1..];
-                    let expected = b"\r\n\r\n"[usize::from(*matched)];
-                    *matched = if byte == expected {
-                        *matched + 1
-                    } else {
-                        u8::from(byte == b'\r')
+                    *matched = match byte {
+                        b'\n' => *matched + 1,
+                        b'\r' => *matched,
+                        _ => 0,
                     };
-                    if *matched == 4 {
+                    if *matched == 2 {
                         self.state = Sniff::Header {
                             buf: [0; 14],
                             have: 0,
@@ -794,17 +802,21 @@ mod tests {
         let (rest, pongs) = drain(&mut t).await;
         assert_eq!(rest, pong[5..]);
         assert!(pongs.is_empty());
-        // A client's layer: the server's pongs are unmasked, after the head.
+        // A client's layer: the server's pongs are unmasked; the driver
+        // comes after the head (driven before it, the layer takes nothing).
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::for_client(rx, 4096);
         t.drive();
+        assert!(!t.driven, "the head is still to come");
         let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
-        let mut bytes = head.clone();
-        bytes.extend(frame(0xA, b"87654321", None));
-        tx.write_all(&bytes).await.unwrap();
+        tx.write_all(&head).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(t.read(&mut buf).await.unwrap(), head.len());
+        t.drive();
+        tx.write_all(&frame(0xA, b"87654321", None)).await.unwrap();
         drop(tx);
         let (passed, pongs) = drain(&mut t).await;
-        assert_eq!(passed, head);
+        assert_eq!(passed, b"");
         assert_eq!(pongs, vec![*b"87654321"]);
     }
 
@@ -830,10 +842,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (peer, accepted) = tokio::join!(peer, listener.accept());
-        (
-            ReadLayer::with_chunk(accepted.unwrap().0, 4096),
-            peer.unwrap(),
-        )
+        let mut layer = ReadLayer::with_chunk(accepted.unwrap().0, 4096);
+        layer.drive();
+        (layer, peer.unwrap())
     }
 
     /// Reads what the peer wrote (one read), and asks `parked` with a waker
@@ -900,6 +911,7 @@ mod tests {
         // A stream that is not a TcpStream is never parked.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut d = ReadLayer::with_chunk(rx, 4096);
+        d.drive();
         tx.write_all(&one).await.unwrap();
         let mut buf = [0u8; 256];
         assert_eq!(d.read(&mut buf).await.unwrap(), one.len());
@@ -915,6 +927,16 @@ mod tests {
             s.feed(chunk);
         }
         assert_eq!(s.last.map(|c| c.code), Some(Some(999)));
+        // Lines may end with LF alone (httparse, and so tungstenite, accept
+        // it); a CR-LF-CR-LF inside a payload must not be taken for the end.
+        let mut stream = b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\n\n".to_vec();
+        stream.extend(frame(0x2, b"\r\n\r\n..", None));
+        stream.extend(frame(0x8, &1001u16.to_be_bytes(), None));
+        let mut s = CloseSniffer::after_http_head();
+        for chunk in stream.chunks(5) {
+            s.feed(chunk);
+        }
+        assert_eq!(s.last.map(|c| c.code), Some(Some(1001)));
         let mut s = CloseSniffer::frames();
         s.feed(&frame(0x8, &[], None));
         assert_eq!(

@@ -262,3 +262,48 @@ async fn a_connection_that_streams_messages_still_pings_on_schedule() {
     let texts = timeout(BOUND, reader).await.unwrap().unwrap();
     assert_eq!(texts, streamed, "every message arrived");
 }
+
+/// Pins a bug found in review: a message that came whole from one read of
+/// a TCP socket parks the read (no second read to find nothing), and the
+/// parked shortcut was checked before the inbound budget, so a message that
+/// filled the budget did not pause reading: with a peer gone silent the
+/// end was blamed on the peer (`Timeout`) instead of the application that
+/// did not read. Real TCP (only a plain socket parks), paused time.
+#[tokio::test(start_paused = true)]
+async fn a_parked_message_that_fills_the_budget_pauses_reading() {
+    let config = heartbeat(Duration::from_secs(1), Duration::from_secs(1))
+        .max_message_size(64)
+        .max_frame_size(64)
+        .inbound_buffer_limit(64)
+        .close_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            sup.accept_tcp(tcp).await.unwrap()
+        })
+    };
+    let (mut peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    let conn = accept.await.unwrap();
+    // One message that fills the budget; then the peer is never polled
+    // again (it answers no ping), and the application takes nothing.
+    peer.send(Message::text("x".repeat(64))).await.unwrap();
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(
+        (event.reason, event.initiator, event.text.as_str()),
+        (
+            CloseReason::Internal,
+            Initiator::Local,
+            "application not reading"
+        )
+    );
+    assert_eq!(events.len(), 1);
+    drop(peer);
+}
