@@ -156,7 +156,7 @@ impl Supervisor {
     /// a stream's config after it is built, so whatever the stream was built
     /// with stays in force: built with tungstenite's defaults it holds a
     /// 128 KiB read buffer (about 135 KiB per idle connection instead of
-    /// 5.9 KiB), accepts 64 MiB messages and has an unbounded write buffer.
+    /// 3.7 KiB), accepts 64 MiB messages and has an unbounded write buffer.
     /// The supervisor's heartbeat, deadlines, queues, close rules and metrics
     /// apply all the same. To get the same limits and memory as
     /// [`accept`](Self::accept), build the stream with a
