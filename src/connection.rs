@@ -311,7 +311,8 @@ impl Shared {
 
     /// Whether the socket woke the driver since the last call (clears it).
     pub(crate) fn take_read_wake(&self) -> bool {
-        self.read_woken.swap(false, Acquire)
+        // A load first: most turns find nothing, and need no write.
+        self.read_woken.load(Relaxed) && self.read_woken.swap(false, Acquire)
     }
 
     /// The driver has ended: it holds no task to wake any more (and the
@@ -738,11 +739,16 @@ mod tests {
         assert_eq!(take().await, Some(Message::binary(vec![1u8; 10])));
         assert_eq!(take().await, None);
         assert_eq!(s.unread.load(Relaxed), 0, "taken messages leave the budget");
-        assert_eq!(
-            lock(&s.inbox).messages.capacity(),
-            4,
-            "a drained queue keeps a few slots"
-        );
+        assert!(lock(&s.inbox).messages.capacity() <= KEEP_SLOTS);
+        // A burst's memory goes back once it is taken.
+        let s = shared(1);
+        for i in 0..100 {
+            s.deliver(Message::binary(vec![i]));
+        }
+        for _ in 0..100 {
+            assert!(matches!(s.try_take(), Some(Some(_))));
+        }
+        assert_eq!(lock(&s.inbox).messages.capacity(), 0);
     }
 
     #[test]

@@ -201,8 +201,7 @@ where
     ) -> Self {
         (probe.drive)(ws.get_mut());
         let config = state.config();
-        // Uniform in [0, 1), from the per-supervisor random seed.
-        let unit = (state.random(id, Purpose::PingPhase) >> 11) as f64 / (1u64 << 53) as f64;
+        let unit = state.random_unit(id, Purpose::PingPhase);
         let hb = Heartbeat::new(
             state.epoch(),
             shared.opened,
@@ -471,11 +470,9 @@ where
         }
         let mut cx = Context::from_waker(&self.to_app.waker);
         let read = Pin::new(&mut self.ws).poll_next(&mut cx);
-        // After a message, the stream may know that nothing is left. Not
-        // after a Close: tungstenite ends the stream on the next read
-        // without a byte from the socket.
-        let parked = matches!(&read, Poll::Ready(Some(Ok(m))) if !m.is_close())
-            && (self.parked)(self.ws.get_mut(), &mut cx);
+        // After a message, the stream may know that nothing is left.
+        let parked =
+            matches!(read, Poll::Ready(Some(Ok(_)))) && (self.parked)(self.ws.get_mut(), &mut cx);
         // A pong the read layer took comes first: it was read first.
         let pong = (self.take_pong)(self.ws.get_mut());
         if let Some(payload) = pong {
@@ -620,7 +617,7 @@ where
     /// (reading no longer pauses for it); once the application is gone,
     /// nobody will read it.
     fn deliver(&mut self, message: Message) {
-        if self.from_app.gone || self.shared.app_gone.load(Relaxed) {
+        if self.shared.app_gone.load(Relaxed) {
             return;
         }
         if self.phase != Phase::Open && self.shared.over_budget() {

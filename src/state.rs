@@ -119,6 +119,11 @@ impl SupervisorState {
         self.seed.hash_one((id.0, purpose))
     }
 
+    /// As [`random`](Self::random), uniform in `[0, 1)`.
+    pub(crate) fn random_unit(&self, id: ConnectionId, purpose: Purpose) -> f64 {
+        unit(self.random(id, purpose))
+    }
+
     /// When a drained shutdown sends connection `id` its Close: `None`
     /// without a drain window, or before the drivers were told to stop. A
     /// pure function of the plan, the supervisor's seed and `id` (see
@@ -290,6 +295,11 @@ impl SupervisorState {
     pub(crate) fn hook_panics(&self) -> u64 {
         self.hook_panics.load(Relaxed)
     }
+}
+
+/// Uniform in `[0, 1)`, from the top 53 bits of `bits`.
+pub(crate) fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl fmt::Debug for SupervisorState {

@@ -55,9 +55,6 @@ pub struct ReadLayer<S> {
     /// (see [`drive`](Self::drive)); on a stream given to `supervise`,
     /// nobody does, and every frame goes to tungstenite.
     driven: bool,
-    /// The last socket read returned fewer bytes than asked for (so tokio
-    /// cleared the socket's readiness).
-    short: bool,
     /// The last read handed tungstenite exactly one whole frame, from a
     /// short socket read, keeping nothing back: once tungstenite returns its
     /// message, every byte the socket gave is consumed (see
@@ -89,7 +86,6 @@ impl<S> ReadLayer<S> {
             pong: None,
             peer_masks: true,
             driven: false,
-            short: false,
             whole: false,
         }
     }
@@ -171,42 +167,44 @@ const SMALL_CHUNK: usize = 4 * 1024;
 impl<S: AsyncRead + Unpin> ReadLayer<S> {
     // Separate frames, so the common path does not reserve 64 KiB of stack.
     #[inline(never)]
-    fn read_small(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn read_small(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
         let mut stack = [MaybeUninit::<u8>::uninit(); SMALL_CHUNK];
         self.read_via(cx, out, &mut stack)
     }
 
     #[inline(never)]
-    fn read_large(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn read_large(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
         let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
         self.read_via(cx, out, &mut stack)
     }
 
     /// One read system call into `stack`, handing `out` what fits and
-    /// keeping the rest.
+    /// keeping the rest; `true` if the socket gave fewer bytes than asked.
     fn read_via(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
         stack: &mut [MaybeUninit<u8>],
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<bool>> {
         let mut buf = ReadBuf::uninit(&mut stack[..self.chunk]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
         let filled = buf.filled();
-        self.short = filled.len() < self.chunk;
         let n = out.remaining().min(filled.len());
         out.put_slice(&filled[..n]);
         if n < filled.len() {
             self.spill.extend_from_slice(&filled[n..]);
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(filled.len() < self.chunk))
     }
 }
-
-/// Reads in one `poll_read`: a read of nothing but a pong this layer took
-/// leaves tungstenite without bytes, so it reads once more; that read
-/// passes everything (the pong slot is full until the driver takes it).
-const PONG_ONLY_READS: usize = 2;
 
 /// The stream, less the pongs the driver takes directly.
 ///
@@ -225,27 +223,39 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.whole = false;
-        for _ in 0..PONG_ONLY_READS {
-            let before = out.filled().len();
-            ready!(self.as_mut().read_to(cx, out))?;
-            let read = out.filled().len() - before;
-            let from_boundary = self.sniffer.at_boundary();
-            let (kept, frames) = self.pass(&mut out.filled_mut()[before..]);
-            out.set_filled(before + kept);
-            if kept > 0 || read == 0 {
-                self.whole = from_boundary
-                    && frames == 1
-                    && self.sniffer.at_boundary()
-                    && self.short
-                    && self.spill.is_empty();
-                return Poll::Ready(Ok(()));
-            }
-            // Only a pong we took: tungstenite needs bytes (or `Pending`).
+        // A read of nothing but a pong we took leaves tungstenite without
+        // bytes (and 0 bytes would be EOF): read once more. That read passes
+        // everything, since the pong slot is full until the driver takes it.
+        if ready!(self.as_mut().read_and_pass(cx, out))? {
+            ready!(self.as_mut().read_and_pass(cx, out))?;
         }
-        // Not reached (see `PONG_ONLY_READS`); if it were, the driver would
-        // take the pong and come back.
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> ReadLayer<S> {
+    /// One read, less the pong taken from it; sets `whole`. Returns whether
+    /// the read was nothing but that pong.
+    fn read_and_pass(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
+        let before = out.filled().len();
+        let short = ready!(self.as_mut().read_to(cx, out))?;
+        let read = out.filled().len() - before;
+        let from_boundary = self.sniffer.at_boundary();
+        let (kept, frames) = self.pass(&mut out.filled_mut()[before..]);
+        out.set_filled(before + kept);
+        // Never after the peer's Close: tungstenite then ends the stream on
+        // its next read without a byte from the socket.
+        self.whole = from_boundary
+            && frames == 1
+            && self.sniffer.at_boundary()
+            && short
+            && self.spill.is_empty()
+            && self.sniffer.last.is_none();
+        Poll::Ready(Ok(read > 0 && kept == 0))
     }
 }
 
@@ -299,14 +309,15 @@ fn whole_pong(bytes: &[u8], masked: bool) -> Option<(usize, [u8; 8])> {
 }
 
 impl<S: AsyncRead + Unpin> ReadLayer<S> {
-    /// Hands `out` the next bytes: the spill first, then one read.
+    /// Hands `out` the next bytes: the spill first, then one read; `true`
+    /// if that was a socket read that gave fewer bytes than asked (so tokio
+    /// cleared the socket's readiness).
     fn read_to(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<bool>> {
         let this = self.get_mut();
-        this.short = false;
         if this.pos < this.spill.len() {
             let n = out.remaining().min(this.spill.len() - this.pos);
             out.put_slice(&this.spill[this.pos..this.pos + n]);
@@ -316,13 +327,12 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                 this.spill = Vec::new();
                 this.pos = 0;
             }
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(false));
         }
         if out.remaining() >= this.chunk {
             // Big enough: read straight into the caller's buffer.
             ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
-            this.short = out.remaining() > 0;
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(out.remaining() > 0));
         }
         // Small chunks (the default) get a small stack frame: a 64 KiB one
         // costs a stack probe per page on every read.
@@ -908,6 +918,11 @@ mod tests {
         peer.write_all(&one[4..]).await.unwrap();
         // The rest ends the frame but did not start at a boundary.
         assert_eq!(read_then_park(&mut t, &wakes).await, (one.len() - 4, false));
+        // The peer's Close: tungstenite ends the stream after it by itself.
+        let (mut t, mut peer) = tcp_pair().await;
+        let close = frame(0x8, &1000u16.to_be_bytes(), key);
+        peer.write_all(&close).await.unwrap();
+        assert_eq!(read_then_park(&mut t, &wakes).await, (close.len(), false));
         // A stream that is not a TcpStream is never parked.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut d = ReadLayer::with_chunk(rx, 4096);

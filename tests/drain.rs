@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use ws_supervisor::metrics::names;
-use ws_supervisor::{CloseCode, CloseReason, ConfigBuilder, Initiator};
+use ws_supervisor::{CloseCode, CloseReason, ConfigBuilder, Connection, Initiator, Supervisor};
 
 /// What a peer saw of the shutdown: when the server's Close arrived and its
 /// code, and how many pings and echoes it got before.
@@ -31,6 +31,18 @@ struct Seen {
     code: Option<u16>,
     pings: u32,
     echoes: u32,
+}
+
+/// `n` connections through `net`, each with a [`ws_peer`].
+async fn open(net: &Net, sup: &Supervisor, n: usize) -> (Vec<Connection>, Vec<JoinHandle<Seen>>) {
+    let mut conns = Vec::with_capacity(n);
+    let mut peers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (conn, peer) = net.accept_ws(sup).await;
+        peers.push(ws_peer(peer));
+        conns.push(conn);
+    }
+    (conns, peers)
 }
 
 /// A tungstenite client that reads until the end, noting the first Close
@@ -130,13 +142,7 @@ async fn a_drain_spreads_1000_closes_over_the_window() {
     let label = "drain-1000";
     let window = 10 * SEC;
     let (sup, events) = recorder::supervisor(drained(window, 1012).build().unwrap(), label);
-    let mut peers = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..1000 {
-        let (conn, peer) = Net::Memory.accept_ws(&sup).await;
-        peers.push(ws_peer(peer));
-        conns.push(conn);
-    }
+    let (_conns, peers) = open(&Net::Memory, &sup, 1000).await;
 
     let t0 = Instant::now();
     let shutdown = tokio::spawn({
@@ -194,13 +200,7 @@ async fn a_drain_in_batches_closes_at_equal_steps() {
     let window = 10 * SEC;
     let config = drained(window, 1001).drain_batches(5).build().unwrap();
     let (sup, _events) = recorder::supervisor(config, "drain-batches");
-    let mut peers = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..1000 {
-        let (conn, peer) = Net::Memory.accept_ws(&sup).await;
-        peers.push(ws_peer(peer));
-        conns.push(conn);
-    }
+    let (_conns, peers) = open(&Net::Memory, &sup, 1000).await;
     let t0 = Instant::now();
     let summary = sup.shutdown(5 * SEC).await;
     assert_eq!(summary.count(CloseReason::GoingAway), 1000, "{summary}");
@@ -225,13 +225,7 @@ async fn without_a_drain_every_connection_is_closed_at_once() {
         heartbeat(60 * SEC, 10 * SEC).build().unwrap(),
         "drain-default",
     );
-    let mut peers = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..200 {
-        let (conn, peer) = Net::Memory.accept_ws(&sup).await;
-        peers.push(ws_peer(peer));
-        conns.push(conn);
-    }
+    let (_conns, peers) = open(&Net::Memory, &sup, 200).await;
     let t0 = Instant::now();
     let summary = sup.shutdown(5 * SEC).await;
     assert!(summary.elapsed() < MS, "{summary}");
@@ -425,13 +419,7 @@ fn a_runtime_dropped_mid_drain_still_sends_the_drain_code() {
 async fn a_drain_of_1000_on_the_multi_thread_runtime() {
     let label = "drain-1000-mt";
     let (sup, events) = recorder::supervisor(drained(SEC, 1012).build().unwrap(), label);
-    let mut peers = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..1000 {
-        let (conn, peer) = Net::Memory.accept_ws(&sup).await;
-        peers.push(ws_peer(peer));
-        conns.push(conn);
-    }
+    let (_conns, peers) = open(&Net::Memory, &sup, 1000).await;
     let shutdown = tokio::spawn({
         let sup = sup.clone();
         async move { sup.shutdown(10 * SEC).await }
@@ -474,13 +462,7 @@ async fn the_drain_code_reaches_clients_over_loopback_multi_thread() {
         let config = drained(300 * MS, code).build().unwrap();
         let (sup, events) = recorder::supervisor(config, label);
         let net = Net::loopback().await;
-        let mut peers = Vec::new();
-        let mut conns = Vec::new();
-        for _ in 0..50 {
-            let (conn, peer) = net.accept_ws(&sup).await;
-            peers.push(ws_peer(peer));
-            conns.push(conn);
-        }
+        let (_conns, peers) = open(&net, &sup, 50).await;
         let summary = sup.shutdown(10 * SEC).await;
         assert_eq!(summary.count(CloseReason::GoingAway), 50, "{summary}");
         assert_eq!(summary.forced(), 0, "{summary}");
@@ -549,13 +531,7 @@ fn drain_spread_of_1000_loopback_clients() {
         }
         let (sup, events) = recorder::supervisor(config.build().unwrap(), "drain-report");
         let net = Net::loopback().await;
-        let mut peers = Vec::new();
-        let mut conns = Vec::new();
-        for _ in 0..1000 {
-            let (conn, peer) = net.accept_ws(&sup).await;
-            peers.push(ws_peer(peer));
-            conns.push(conn);
-        }
+        let (_conns, peers) = open(&net, &sup, 1000).await;
         let t0 = Instant::now();
         let summary = sup.shutdown(10 * SEC).await;
         let offsets = offsets(peers, t0, 1012).await;
