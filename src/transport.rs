@@ -30,14 +30,21 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// asked for are kept on the heap, and that allocation is freed as soon as it
 /// is drained. An idle connection therefore holds no read buffer here.
 ///
+/// Within a frame longer than tungstenite's next request (a large message),
+/// the layer reads into that heap buffer directly and keeps it until the
+/// frame's bytes are all read, so the payload is not copied twice.
+///
 /// Use it together with [`Config::websocket_config`]: the example there
 /// builds a stream exactly as the supervisor does.
 #[derive(Debug)]
 pub struct ReadLayer<S> {
     io: S,
-    /// Bytes read but not yet handed out, from `pos`.
+    /// Bytes read but not yet handed out: `spill[pos..end]`. Within a
+    /// large frame, its memory (all of it initialized) is kept between
+    /// reads, so `end` may be below its length.
     spill: Vec<u8>,
-    pos: usize,
+    pos: u32,
+    end: u32,
     /// Bytes per read system call (at most [`CHUNK`]).
     chunk: usize,
     /// Bytes the socket has accepted from us, since the start: the
@@ -76,10 +83,13 @@ impl<S> ReadLayer<S> {
     /// Wraps `io` whose first bytes, `prefix`, were already read from it
     /// (what followed an HTTP request in the same read).
     pub(crate) fn with_prefix(io: S, chunk: usize, prefix: Vec<u8>) -> Self {
+        // What followed a request in one read of at most `CHUNK` bytes.
+        let end = u32::try_from(prefix.len()).expect("a prefix of at most one read");
         Self {
             io,
             spill: prefix,
             pos: 0,
+            end,
             chunk: chunk.clamp(1, CHUNK),
             written: 0,
             sniffer: CloseSniffer::frames(),
@@ -200,9 +210,44 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         let n = out.remaining().min(filled.len());
         out.put_slice(&filled[..n]);
         if n < filled.len() {
-            self.spill.extend_from_slice(&filled[n..]);
+            // A full chunk is likely part of a large frame, which reuses
+            // the memory (`read_to`): room for a whole chunk then.
+            let full = filled.len() == self.chunk;
+            let mut spill = Vec::with_capacity(if full { self.chunk } else { filled.len() - n });
+            spill.extend_from_slice(&filled[n..]);
+            self.keep(spill);
         }
         Poll::Ready(Ok(filled.len() < self.chunk))
+    }
+
+    /// Keeps `spill` (all of it unread) for the next reads.
+    fn keep(&mut self, spill: Vec<u8>) {
+        self.pos = 0;
+        self.end = spill.len() as u32;
+        self.spill = spill;
+    }
+
+    /// Within a frame that needs more than `asked` bytes: one read into the
+    /// spill's own memory (a chunk, zeroed once per frame), handing `out`
+    /// what fits; `true` if the socket gave fewer bytes than asked.
+    fn read_into_spill(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
+        let mut spill = std::mem::take(&mut self.spill);
+        spill.resize(self.chunk, 0);
+        let mut buf = ReadBuf::new(&mut spill);
+        let read = Pin::new(&mut self.io).poll_read(cx, &mut buf);
+        let filled = buf.filled().len();
+        let n = out.remaining().min(filled);
+        out.put_slice(&spill[..n]);
+        // The memory stays for the rest of the frame, even on `Pending`.
+        self.spill = spill;
+        self.pos = n as u32;
+        self.end = filled as u32;
+        ready!(read)?;
+        Poll::Ready(Ok(filled < self.chunk))
     }
 }
 
@@ -253,7 +298,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
             && frames == 1
             && self.sniffer.at_boundary()
             && short
-            && self.spill.is_empty()
+            && self.pos == self.end
             && self.sniffer.last.is_none();
         Poll::Ready(Ok(read > 0 && kept == 0))
     }
@@ -318,16 +363,26 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<bool>> {
         let this = self.get_mut();
-        if this.pos < this.spill.len() {
-            let n = out.remaining().min(this.spill.len() - this.pos);
-            out.put_slice(&this.spill[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.spill.len() {
-                // Drained: give the memory back.
-                this.spill = Vec::new();
-                this.pos = 0;
+        if this.pos < this.end {
+            let (pos, end) = (this.pos as usize, this.end as usize);
+            let n = out.remaining().min(end - pos);
+            out.put_slice(&this.spill[pos..pos + n]);
+            this.pos += n as u32;
+            if this.pos == this.end {
+                (this.pos, this.end) = (0, 0);
             }
             return Poll::Ready(Ok(false));
+        }
+        // A frame that needs more than tungstenite asks for: read it into
+        // the spill's memory, kept while the frame lasts.
+        let asked = out.remaining();
+        if asked < this.chunk && this.sniffer.payload_left() > asked as u64 {
+            return this.read_into_spill(cx, out);
+        }
+        // Otherwise the spill's memory goes back: an idle connection (or
+        // one of small messages) holds none.
+        if this.spill.capacity() > 0 {
+            this.spill = Vec::new();
         }
         if out.remaining() >= this.chunk {
             // Big enough: read straight into the caller's buffer.
@@ -446,6 +501,15 @@ impl CloseSniffer {
     /// Whether the HTTP head (of a client's stream) is behind us.
     fn in_frames(&self) -> bool {
         !matches!(self.state, Sniff::HttpHead { .. })
+    }
+
+    /// Payload bytes of the current frame not yet seen (0 at a boundary,
+    /// in a header, or before the frames).
+    fn payload_left(&self) -> u64 {
+        match self.state {
+            Sniff::Payload { remaining, .. } => remaining,
+            _ => 0,
+        }
     }
 
     /// Whether the next byte starts a frame.
@@ -620,16 +684,51 @@ mod tests {
     async fn small_reads_are_served_from_one_chunk_then_the_spill_is_freed() {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
-        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        // 30 frames of 100 bytes.
+        let data: Vec<u8> = (0..30u8).flat_map(|i| frame(0x2, &[i; 98], None)).collect();
+        assert_eq!(data.len(), 3000);
         tx.write_all(&data).await.unwrap();
         let mut got = vec![0u8; 100];
         t.read_exact(&mut got).await.unwrap();
         assert_eq!(got, data[..100]);
-        assert_eq!(t.spill.len(), 2900, "the rest of the chunk is kept");
+        assert_eq!(t.end - t.pos, 2900, "the rest of the chunk is kept");
         let mut rest = vec![0u8; 2900];
         t.read_exact(&mut rest).await.unwrap();
         assert_eq!(rest, data[100..]);
+        // The next read (here finding EOF) gives the memory back.
+        drop(tx);
+        assert_eq!(t.read(&mut got).await.unwrap(), 0);
         assert_eq!(t.spill.capacity(), 0, "drained: the memory is released");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_read_into_one_kept_chunk_then_the_memory_goes_back() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        let payload: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 7) as u8).collect();
+        let mut data = frame(0x2, &payload, Some([9, 8, 7, 6]));
+        data.extend(frame(0x1, b"after", Some([1, 2, 3, 4])));
+        tx.write_all(&data).await.unwrap();
+        // Read as tungstenite does under this layer: 256 bytes at a time.
+        let mut got = Vec::new();
+        let mut capacities = Vec::new();
+        while got.len() < data.len() {
+            let mut buf = [0u8; 256];
+            let n = t.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            capacities.push(t.spill.capacity());
+        }
+        assert_eq!(got, data, "every byte, in order");
+        // Within the frame the memory is one chunk, kept between reads.
+        assert!(capacities.iter().all(|&c| c <= 4096), "{capacities:?}");
+        assert!(
+            capacities[1..60].iter().all(|&c| c == 4096),
+            "{capacities:?}"
+        );
+        // After the frame, the next read gives it back.
+        drop(tx);
+        assert_eq!(t.read(&mut [0u8; 256]).await.unwrap(), 0);
+        assert_eq!(t.spill.capacity(), 0);
     }
 
     #[tokio::test]
