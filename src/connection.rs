@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::close::{CloseEvent, truncate_text};
 use crate::error::Error;
 use crate::heartbeat::HeartbeatStats;
+use crate::inline::{Handler, Reply};
 use crate::stats::{ConnectionId, Stats};
 
 /// Sentinel for "no RTT yet" in the atomics.
@@ -78,11 +79,25 @@ pub(crate) struct Shared {
 /// pushes under a short lock and wakes the application's task; `recv` pops.
 /// Bounded by the byte budget alone (`unread`), which is what pauses the
 /// driver's reading.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inbox {
     messages: VecDeque<Message>,
     /// The driver has ended: once `messages` is empty, `recv` gives `None`.
     ended: bool,
+    /// The application's message handler ([`Connection::on_message`]),
+    /// set only while `messages` is empty, until the driver takes it with
+    /// the next message.
+    handler: Option<Handler>,
+}
+
+impl fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbox")
+            .field("messages", &self.messages.len())
+            .field("ended", &self.ended)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
 }
 
 /// The queue from the application's senders to the driver.
@@ -157,16 +172,54 @@ impl Shared {
 
     // ----- the inbox: driver -> application -----
 
-    /// The driver read `message` for the application.
-    pub(crate) fn deliver(&self, message: Message) {
+    /// The driver read `message` for the application: queued, or given
+    /// back with the application's message handler, for the driver to keep
+    /// and call from now on.
+    pub(crate) fn deliver(&self, message: Message) -> Result<(), (Handler, Message)> {
+        let mut inbox = lock(&self.inbox);
+        if let Some(handler) = inbox.handler.take() {
+            return Err((handler, message));
+        }
         self.unread.fetch_add(cost(&message), Relaxed);
-        lock(&self.inbox).messages.push_back(message);
+        inbox.messages.push_back(message);
+        drop(inbox);
         self.app.wake();
+        Ok(())
+    }
+
+    /// Runs the messages already queued through `handler`, here, in order;
+    /// then leaves it for the driver, which calls it from the next message
+    /// on. A message the driver delivers meanwhile is either queued before
+    /// this looks (and taken here) or finds the handler.
+    fn install(&self, mut handler: Handler, id: ConnectionId, write_buffer_limit: usize) {
+        loop {
+            let mut inbox = lock(&self.inbox);
+            let Some(message) = inbox.messages.pop_front() else {
+                // After the driver's end, nobody will call it.
+                if !inbox.ended {
+                    inbox.handler = Some(handler);
+                }
+                return;
+            };
+            drained(&mut inbox.messages);
+            drop(inbox);
+            self.took(cost(&message));
+            handler(
+                message,
+                &mut Reply::new(self, id, write_buffer_limit, false),
+            );
+        }
     }
 
     /// The driver has ended: `recv` gives `None` after the last message.
     pub(crate) fn end_inbox(&self) {
-        lock(&self.inbox).ended = true;
+        let mut inbox = lock(&self.inbox);
+        inbox.ended = true;
+        // A handler no message reached is dropped with the driver, as one
+        // that was reached is: it may hold this connection's own `Sender`.
+        let handler = inbox.handler.take();
+        drop(inbox);
+        drop(handler);
         self.app.wake();
     }
 
@@ -240,9 +293,31 @@ impl Shared {
         }
     }
 
+    /// Queues `command` whatever the outbox holds (a handler's reply:
+    /// the driver calls handlers only while there is room, see
+    /// [`outbox_is_full`](Self::outbox_is_full)); wakes the driver if
+    /// `wake`.
+    pub(crate) fn push_command(&self, command: Command, wake: bool) -> Result<(), Error> {
+        let mut outbox = lock(&self.outbox);
+        if outbox.closed {
+            return Err(Error::closed());
+        }
+        outbox.commands.push_back(command);
+        drop(outbox);
+        if wake {
+            self.reader.wake();
+        }
+        Ok(())
+    }
+
     /// Whether the outbox holds nothing.
     pub(crate) fn outbox_is_empty(&self) -> bool {
         lock(&self.outbox).commands.is_empty()
+    }
+
+    /// Whether the outbox holds `outbound_queue` commands or more.
+    pub(crate) fn outbox_is_full(&self) -> bool {
+        lock(&self.outbox).commands.len() >= self.outbound_limit
     }
 
     /// The oldest queued command, if any; frees room for a waiting sender.
@@ -378,6 +453,36 @@ pub(crate) enum Command {
     Close(Option<CloseFrame>),
 }
 
+/// `message` if an application may send it: text or binary, within the
+/// write-buffer limit.
+pub(crate) fn checked_message(
+    message: Message,
+    write_buffer_limit: usize,
+) -> Result<Message, Error> {
+    match &message {
+        Message::Text(_) | Message::Binary(_) => {}
+        _ => return Err(Error::invalid("only text and binary messages can be sent")),
+    }
+    if message.len() > write_buffer_limit {
+        return Err(Error::invalid("message larger than the write-buffer limit"));
+    }
+    Ok(message)
+}
+
+/// The application's Close with `code` and `reason` (cut to 123 bytes), if
+/// the code may be sent.
+pub(crate) fn close_command(code: CloseCode, reason: &str) -> Result<Command, Error> {
+    let frame = match code {
+        CloseCode::Status if reason.is_empty() => None,
+        code if crate::verdict::valid_on_the_wire(u16::from(code)) => Some(CloseFrame {
+            code,
+            reason: truncate_text(reason).into(),
+        }),
+        _ => return Err(Error::invalid("close code not allowed on the wire")),
+    };
+    Ok(Command::Close(frame))
+}
+
 // ===== impl Sender =====
 
 /// A cloneable handle that sends on one connection; many tasks may hold one.
@@ -419,14 +524,7 @@ impl Sender {
     /// Cancel safe: if the future is dropped before it completes, the message
     /// was not queued.
     pub async fn send(&self, message: impl Into<Message>) -> Result<(), Error> {
-        let message = message.into();
-        match &message {
-            Message::Text(_) | Message::Binary(_) => {}
-            _ => return Err(Error::invalid("only text and binary messages can be sent")),
-        }
-        if message.len() > self.write_buffer_limit {
-            return Err(Error::invalid("message larger than the write-buffer limit"));
-        }
+        let message = checked_message(message.into(), self.write_buffer_limit)?;
         self.shared.queue(Command::Send(message)).await
     }
 
@@ -445,15 +543,7 @@ impl Sender {
     /// # Cancel safety
     /// Cancel safe: if dropped before completion, no Close was queued.
     pub async fn close(&self, code: CloseCode, reason: &str) -> Result<(), Error> {
-        let frame = match code {
-            CloseCode::Status if reason.is_empty() => None,
-            code if crate::verdict::valid_on_the_wire(u16::from(code)) => Some(CloseFrame {
-                code,
-                reason: truncate_text(reason).into(),
-            }),
-            _ => return Err(Error::invalid("close code not allowed on the wire")),
-        };
-        self.shared.queue(Command::Close(frame)).await
+        self.shared.queue(close_command(code, reason)?).await
     }
 
     /// Whether the connection has stopped taking messages.
@@ -510,6 +600,8 @@ pub struct Connection {
     peer_addr: Option<SocketAddr>,
     /// The subprotocol agreed in the handshake.
     protocol: Option<Box<str>>,
+    /// A message handler was given ([`on_message`](Self::on_message)).
+    handled: bool,
 }
 
 /// What the way in knows about a connection when it is registered.
@@ -555,6 +647,7 @@ impl Connection {
             shared,
             peer_addr,
             protocol,
+            handled: false,
         }
     }
 
@@ -590,6 +683,66 @@ impl Connection {
 
     fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         self.shared.poll_take(cx)
+    }
+
+    /// Handles every text and binary message on the connection's own task,
+    /// instead of queueing it for [`recv`](Self::recv): `handler` gets each
+    /// message and a [`Reply`] for the same connection.
+    ///
+    /// This saves a task wake-up and a queue hop per message each way (an
+    /// echo's server CPU per round trip, `docs/benchmarks.md`), for work
+    /// that is quick and never waits: parse, update shared state, answer,
+    /// or hand off to other connections' [`Sender`]s. Work that awaits
+    /// belongs in a task of its own, fed by [`recv`](Self::recv).
+    ///
+    /// * **Order.** Messages already queued are handled first, here, in
+    ///   order; then the driver calls `handler` for each message as it is
+    ///   read. [`recv`](Self::recv) then yields nothing more, and `None`
+    ///   once the connection has ended.
+    /// * **Heartbeats.** The driver reads, calls `handler`, and checks its
+    ///   timers in the same turn, one message at a time, so pings and
+    ///   deadlines wait for at most one call. `handler` must not block: a
+    ///   call that takes long delays that connection's pings by as much, as
+    ///   any code on its task would.
+    /// * **Backpressure.** `handler` is called only while the send queue
+    ///   has room ([`outbound_queue`](crate::ConfigBuilder::outbound_queue));
+    ///   while it is full, reading pauses (the pong deadline with it, as
+    ///   for the inbound budget) and the
+    ///   [`write_timeout`](crate::ConfigBuilder::write_timeout) judges a
+    ///   peer that does not read our replies.
+    /// * **Panics.** A panic in `handler` (on the connection's task) ends
+    ///   the connection as [`Internal`](crate::CloseReason::Internal),
+    ///   local, "application panicked" (1011); it is not called again.
+    /// * **Life.** The `Connection` still owns the connection: dropping it
+    ///   closes it as before. Keep it, and await [`closed`](Self::closed).
+    ///
+    /// ```
+    /// # #[allow(dead_code)]
+    /// # async fn serve(mut conn: ws_supervisor::Connection) -> Result<(), ws_supervisor::Error> {
+    /// // An echo server, with no task of its own per message.
+    /// conn.on_message(|message, reply| {
+    ///     let _ = reply.send(message);
+    /// })?;
+    /// let event = conn.closed().await;
+    /// println!("{} ended: {}", event.id, event.reason);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::is_invalid_input`] if a handler was already given (the
+    /// first one stays).
+    pub fn on_message<H>(&mut self, handler: H) -> Result<(), Error>
+    where
+        H: FnMut(Message, &mut Reply<'_>) + Send + 'static,
+    {
+        if std::mem::replace(&mut self.handled, true) {
+            return Err(Error::invalid("a message handler was already given"));
+        }
+        let sender = &self.sender;
+        self.shared
+            .install(Box::new(handler), sender.id, sender.write_buffer_limit);
+        Ok(())
     }
 
     /// Queues a message; see [`Sender::send`].
@@ -730,8 +883,8 @@ mod tests {
     #[tokio::test]
     async fn the_inbox_yields_every_message_then_none_once_ended() {
         let s = shared(1);
-        s.deliver(Message::text("x"));
-        s.deliver(Message::binary(vec![1u8; 10]));
+        assert!(s.deliver(Message::text("x")).is_ok());
+        assert!(s.deliver(Message::binary(vec![1u8; 10])).is_ok());
         assert_eq!(s.unread.load(Relaxed), 11 + 2 * size_of::<Message>());
         s.end_inbox();
         let take = || std::future::poll_fn(|cx| s.poll_take(cx));
@@ -743,7 +896,7 @@ mod tests {
         // A burst's memory goes back once it is taken.
         let s = shared(1);
         for i in 0..100 {
-            s.deliver(Message::binary(vec![i]));
+            assert!(s.deliver(Message::binary(vec![i])).is_ok());
         }
         for _ in 0..100 {
             assert!(matches!(s.try_take(), Some(Some(_))));
@@ -756,7 +909,7 @@ mod tests {
         let s = Arc::new(Shared::new(Instant::now(), 10 * size_of::<Message>(), 1));
         for _ in 0..10 {
             assert!(!s.over_budget());
-            s.deliver(Message::binary(Vec::new()));
+            assert!(s.deliver(Message::binary(Vec::new())).is_ok());
         }
         assert!(
             s.over_budget(),
@@ -765,6 +918,69 @@ mod tests {
         s.app_dropped(false);
         assert_eq!(s.unread.load(Relaxed), 0);
         assert!(lock(&s.inbox).messages.is_empty());
+    }
+
+    #[test]
+    fn a_handler_takes_the_queued_messages_then_goes_to_the_driver_with_the_next() {
+        let s = shared(4);
+        assert!(s.deliver(Message::text("a")).is_ok());
+        assert!(s.deliver(Message::text("b")).is_ok());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        s.install(
+            Box::new(move |m, reply| {
+                log.lock().unwrap().push(m.clone());
+                reply.send(m).unwrap();
+            }),
+            ConnectionId(7),
+            1024,
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Message::text("a"), Message::text("b")]
+        );
+        assert_eq!(
+            s.unread.load(Relaxed),
+            0,
+            "handled messages leave the budget"
+        );
+        // Their replies are queued, in order, for the driver.
+        let replies: Vec<_> = std::iter::from_fn(|| s.next_command()).collect();
+        assert!(matches!(&replies[..], [Command::Send(a), Command::Send(b)]
+            if *a == Message::text("a") && *b == Message::text("b")));
+        // The next delivery hands the handler to the driver with the message.
+        let Err((mut handler, m)) = s.deliver(Message::text("c")) else {
+            panic!("the handler goes to the driver");
+        };
+        assert_eq!(m, Message::text("c"));
+        handler(m, &mut Reply::new(&s, ConnectionId(7), 1024, true));
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert!(lock(&s.inbox).messages.is_empty());
+    }
+
+    #[test]
+    fn a_handler_no_message_reached_is_dropped_when_the_driver_ends() {
+        // It may hold the connection's own `Sender`: kept, that would be a
+        // cycle through `Shared`, and neither would be freed.
+        let s = shared(1);
+        let held = Arc::new(());
+        let in_handler = held.clone();
+        s.install(
+            Box::new(move |_, _| assert!(Arc::strong_count(&in_handler) > 0)),
+            ConnectionId(1),
+            1024,
+        );
+        assert_eq!(Arc::strong_count(&held), 2);
+        s.end_inbox();
+        assert_eq!(Arc::strong_count(&held), 1);
+        // Given after the end, it is not kept at all.
+        let in_handler = held.clone();
+        s.install(
+            Box::new(move |_, _| assert!(Arc::strong_count(&in_handler) > 0)),
+            ConnectionId(1),
+            1024,
+        );
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 
     #[tokio::test]
@@ -776,7 +992,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!receiver.is_finished());
-        s.deliver(Message::text("late"));
+        assert!(s.deliver(Message::text("late")).is_ok());
         assert_eq!(receiver.await.unwrap(), Some(Message::text("late")));
     }
 }

@@ -2,6 +2,7 @@
 //! to one socket. See [`Driver`].
 
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
@@ -20,6 +21,7 @@ use crate::connection::{Command, Shared};
 use crate::error::Error;
 use crate::guard::CloseGuard;
 use crate::heartbeat::{Heartbeat, OverdueReads, Pong};
+use crate::inline::{Handler, Reply};
 use crate::metrics::secs;
 use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
@@ -134,6 +136,9 @@ struct ToApp {
     frames_waiting: bool,
     /// How long an expired pong deadline waits for those frames.
     overdue: OverdueReads,
+    /// The application's message handler, once the first message after
+    /// [`Connection::on_message`](crate::Connection::on_message) found it.
+    handler: Option<Handler>,
     /// The waker reads go with ([`Shared::read_waker`]).
     waker: Waker,
     /// The last read was a `Pending` that registered `waker` with the
@@ -224,6 +229,7 @@ where
                 paused_since: None,
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
+                handler: None,
                 waker: read_waker,
                 armed: false,
             },
@@ -321,6 +327,15 @@ where
         Poll::Pending
     }
 
+    /// Since when reading has been paused for the inbound budget, which the
+    /// application alone can free (not for a handler's full outbox, which
+    /// the socket frees).
+    fn stalled_since(&self) -> Option<Instant> {
+        self.to_app
+            .paused_since
+            .filter(|_| self.shared.over_budget())
+    }
+
     /// The next instant at which a timer needs us.
     fn next_deadline(&self) -> Instant {
         match self.phase {
@@ -330,7 +345,7 @@ where
                 if let Some(since) = self.write.blocked_since {
                     at = at.min(since + config.write_timeout());
                 }
-                if let Some(since) = self.to_app.paused_since {
+                if let Some(since) = self.stalled_since() {
                     at = at.min(since + config.read_stall_limit());
                 }
                 if let Some(close_at) = self.state.drain_close_at(self.guard.id()) {
@@ -436,10 +451,18 @@ where
     /// once closing we must read the peer's Close reply, and data is
     /// dropped from then on anyway). The pong deadline is suspended while
     /// paused: the peer's pong may be sitting unread behind the data.
+    ///
+    /// A message handler's replies pause reading the same way while the
+    /// outbox is full (the driver itself frees it, as the socket takes our
+    /// bytes); only the inbound budget counts towards `read_stall_limit`.
     fn paused_for_budget(&mut self, now: Instant) -> bool {
         // `poll` registered the task before this look: a take after it
         // wakes us.
-        if self.phase == Phase::Open && self.shared.over_budget() {
+        let full = || {
+            self.shared.over_budget()
+                || (self.to_app.handler.is_some() && self.shared.outbox_is_full())
+        };
+        if self.phase == Phase::Open && full() {
             if self.to_app.paused_since.is_none() {
                 self.to_app.paused_since = Some(now);
                 self.hb.suspend();
@@ -522,7 +545,7 @@ where
                 let metrics = self.state.metrics();
                 metrics.messages_received.increment(1);
                 metrics.bytes_received.increment(message.len() as u64);
-                self.deliver(message);
+                self.deliver(message, now);
             }
             Message::Ping(_) => {
                 self.hb.on_frame(now);
@@ -612,18 +635,44 @@ where
         }
     }
 
-    /// Hands a data message to the application (counted against the byte
-    /// budget until it takes it). Once closing, only within the budget
-    /// (reading no longer pauses for it); once the application is gone,
-    /// nobody will read it.
-    fn deliver(&mut self, message: Message) {
+    /// Hands a data message to the application: to its message handler,
+    /// or queued (counted against the byte budget until it takes it). Once
+    /// closing, queued only within the budget (reading no longer pauses for
+    /// it); once the application is gone, nobody will read it.
+    fn deliver(&mut self, message: Message, now: Instant) {
         if self.shared.app_gone.load(Relaxed) {
             return;
+        }
+        if self.to_app.handler.is_some() {
+            return self.handle(message, now);
         }
         if self.phase != Phase::Open && self.shared.over_budget() {
             return;
         }
-        self.shared.deliver(message);
+        if let Err((handler, message)) = self.shared.deliver(message) {
+            self.to_app.handler = Some(handler);
+            self.handle(message, now);
+        }
+    }
+
+    /// Calls the application's message handler with `message`; a panic
+    /// ends the connection, and the handler is not called again.
+    fn handle(&mut self, message: Message, now: Instant) {
+        let Some(handler) = self.to_app.handler.as_mut() else {
+            return;
+        };
+        let limit = self.state.config().write_buffer_limit();
+        let mut reply = Reply::new(&self.shared, self.guard.id(), limit, true);
+        let call = catch_unwind(AssertUnwindSafe(|| handler(message, &mut reply)));
+        if call.is_err() {
+            // A closure that captures nothing: no allocation, and dropping
+            // it cannot panic again.
+            self.to_app.handler = Some(Box::new(|_, _| {}));
+            if self.phase == Phase::Open {
+                let until = now + self.state.config().close_timeout();
+                self.close_with(Cause::AppPanicked, until);
+            }
+        }
     }
 
     fn on_read_error(&mut self, e: WsError, now: Instant) {
@@ -834,10 +883,8 @@ where
     /// The open connection's deadlines: the pong deadline, the write
     /// timeout, and the next ping.
     fn on_heartbeat(&mut self, now: Instant) -> bool {
-        if self
-            .to_app
-            .paused_since
-            .is_some_and(|since| now >= since + self.state.config().read_stall_limit())
+        if let Some(since) = self.stalled_since()
+            && now >= since + self.state.config().read_stall_limit()
         {
             // The application has taken nothing for a whole heartbeat while
             // its unread data filled the budget: its fault, not the peer's.

@@ -83,7 +83,9 @@
 //! * [`Connection`] and [`Sender`] (`connection.rs`): what the application
 //!   holds — a stream of messages, a cloneable sender, close, stats — and
 //!   the state it shares with the driver: the queues both ways and the
-//!   waker that tells the driver whether its socket woke it.
+//!   waker that tells the driver whether its socket woke it. [`Reply`]
+//!   (`inline.rs`): how a message handler given to
+//!   [`Connection::on_message`] answers, on the driver's task.
 //! * `driver.rs`: the per-connection task that owns the socket and runs the
 //!   steps (read, deliver, write, flush, timers) over the pieces below;
 //!   `signal.rs`: its one-shot wake-up for the shutdown.
@@ -171,6 +173,7 @@ mod heartbeat;
 mod hook;
 #[cfg(feature = "hyper")]
 mod hyper;
+mod inline;
 pub mod metrics;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
@@ -200,6 +203,7 @@ pub use hook::CloseHook;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 pub use hyper::{HttpUpgrade, UpgradeRejection, Upgrading};
+pub use inline::Reply;
 pub use stats::{ConnectionId, Stats};
 pub use supervisor::{ShutdownSummary, Supervisor, SupervisorBuilder};
 pub use transport::ReadLayer;

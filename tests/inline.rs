@@ -1,0 +1,273 @@
+//! `Connection::on_message`: messages handled on the connection's own task.
+//! Order, replies, heartbeats between calls, a panicking handler, and the
+//! backpressure rule (a full send queue pauses reading; the write timeout,
+//! not the application-stall rule, judges a peer that reads nothing).
+//! Real loopback TCP where the wire matters; timeouts are hang guards.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use ws_supervisor::{CloseReason, Config, Connection, Initiator, Supervisor};
+
+const BOUND: Duration = Duration::from_secs(30);
+
+/// A connection accepted over loopback TCP, and its tungstenite client.
+async fn over_tcp(
+    sup: &Supervisor,
+) -> (
+    Connection,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            sup.accept_tcp(tcp).await.unwrap()
+        })
+    };
+    let (peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    (accept.await.unwrap(), peer)
+}
+
+/// 1000 messages of both kinds come back from an echo handler in order;
+/// then the client closes, `recv` gives `None`, and the event is `Normal`.
+async fn echo_in_order() {
+    let (sup, events) = supervisor(Config::default());
+    let (mut conn, mut peer) = over_tcp(&sup).await;
+    conn.on_message(|message, reply| {
+        reply.send(message).unwrap();
+    })
+    .unwrap();
+    let sent: Vec<Message> = (0..1000u32)
+        .map(|i| match i % 2 {
+            0 => Message::text(format!("text {i}")),
+            _ => Message::binary(i.to_be_bytes().repeat(i as usize % 64)),
+        })
+        .collect();
+    let client = async {
+        for m in &sent {
+            peer.feed(m.clone()).await.unwrap();
+        }
+        peer.flush().await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            let m = peer.next().await.unwrap().unwrap();
+            if m.is_text() || m.is_binary() {
+                got.push(m);
+            }
+        }
+        peer.close(None).await.unwrap();
+        while let Some(Ok(_)) = peer.next().await {}
+        got
+    };
+    let got = timeout(BOUND, client).await.unwrap();
+    assert_eq!(got, sent);
+    assert_eq!(timeout(BOUND, conn.recv()).await.unwrap(), None);
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(
+        (event.reason, event.initiator),
+        (CloseReason::Normal, Initiator::Remote)
+    );
+    assert!(events.wait_within(1, BOUND).await);
+}
+
+#[tokio::test]
+async fn an_inline_echo_answers_every_message_in_order() {
+    echo_in_order().await;
+}
+
+#[test]
+fn an_inline_echo_answers_every_message_in_order_multi_thread() {
+    multi_thread().block_on(echo_in_order());
+}
+
+/// Whatever was queued before the handler was given (here, maybe some of
+/// 2..=100 behind the first, taken with `recv`), the handler sees every
+/// later message once, in order.
+#[tokio::test]
+async fn messages_queued_before_the_handler_reach_it_first_in_order() {
+    let (sup, _events) = supervisor(Config::default());
+    let (mut conn, mut peer) = over_tcp(&sup).await;
+    for i in 1..=100u32 {
+        peer.feed(Message::text(i.to_string())).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    assert_eq!(
+        timeout(BOUND, conn.recv()).await.unwrap(),
+        Some(Message::text("1"))
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    conn.on_message(move |message, _| tx.send(message).unwrap())
+        .unwrap();
+    for i in 2..=100u32 {
+        let got = timeout(BOUND, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(got, Message::text(i.to_string()));
+    }
+    assert!(
+        conn.on_message(|_, _| {}).unwrap_err().is_invalid_input(),
+        "one handler per connection"
+    );
+    drop(conn);
+    while let Some(Ok(_)) = timeout(BOUND, peer.next()).await.unwrap() {}
+}
+
+/// A peer that streams messages as fast as it can still gets its pings:
+/// the driver checks its timers between handler calls.
+#[tokio::test]
+async fn pings_keep_their_schedule_while_the_handler_takes_a_stream() {
+    let config = heartbeat(Duration::from_millis(20), Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let (mut conn, peer) = over_tcp(&sup).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    conn.on_message({
+        let calls = calls.clone();
+        move |_, _| {
+            calls.fetch_add(1, Relaxed);
+        }
+    })
+    .unwrap();
+    let (mut write, mut read) = peer.split();
+    // The client's reader answers the pings (tungstenite queues the pongs;
+    // the writer's sends flush them).
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = read.next().await {} });
+    let streamed = timeout(BOUND, async {
+        let mut sent = 0usize;
+        while conn.stats().pings_sent < 10 && sent < 10_000_000 {
+            write.send(Message::text("tick")).await.unwrap();
+            sent += 1;
+        }
+        sent
+    })
+    .await
+    .expect("10 pings while the peer streams");
+    assert!(conn.stats().pongs_received >= 1, "{:?}", conn.stats());
+    // The peer's Close comes after its messages: each one is handled first.
+    write.send(Message::Close(None)).await.unwrap();
+    timeout(BOUND, reader).await.unwrap().unwrap();
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(event.reason, CloseReason::Normal);
+    assert_eq!(calls.load(Relaxed), streamed, "every message was handled");
+}
+
+/// A handler that panics ends its connection as `Internal`, local, with
+/// 1011 on the wire, and is not called again.
+#[tokio::test]
+async fn a_panicking_handler_ends_the_connection_as_internal() {
+    quiet_expected_panics();
+    let (sup, events) = supervisor(Config::default());
+    let (mut conn, mut peer) = over_tcp(&sup).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    conn.on_message({
+        let calls = calls.clone();
+        move |_, _| {
+            calls.fetch_add(1, Relaxed);
+            panic!("expected in this test: a handler that panics");
+        }
+    })
+    .unwrap();
+    peer.send(Message::text("one")).await.unwrap();
+    peer.send(Message::text("two")).await.unwrap();
+    let mut close = None;
+    while let Some(Ok(m)) = timeout(BOUND, peer.next()).await.unwrap() {
+        if let Message::Close(frame) = m {
+            close = frame;
+        }
+    }
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Error));
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(
+        (event.reason, event.initiator, event.text.as_str()),
+        (
+            CloseReason::Internal,
+            Initiator::Local,
+            "application panicked"
+        )
+    );
+    assert_eq!(calls.load(Relaxed), 1, "not called after its panic");
+    assert_eq!(events.len(), 1);
+}
+
+/// Replies that the peer never reads: the send queue fills, reading pauses,
+/// so the handler's replies stay bounded; and the write timeout ends the
+/// connection, not the application-stall rule (whose limit, 500 ms here,
+/// is the shorter one): the application is not the one that stopped.
+#[tokio::test]
+async fn a_peer_that_reads_no_replies_is_a_write_stall_with_bounded_replies() {
+    let limit = 256 * 1024;
+    let config = heartbeat(Duration::from_millis(250), Duration::from_millis(250))
+        .write_timeout(Duration::from_secs(2))
+        .write_buffer_limit(limit)
+        .outbound_queue(8)
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            sup.accept_tcp(tcp).await.unwrap()
+        })
+    };
+    // The peer upgrades, then writes 16 KiB frames and never reads.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut conn = accept.await.unwrap();
+    let message = vec![3u8; 16 * 1024];
+    let calls = Arc::new(AtomicUsize::new(0));
+    conn.on_message({
+        let calls = calls.clone();
+        move |message, reply| {
+            calls.fetch_add(1, Relaxed);
+            let _ = reply.send(message);
+        }
+    })
+    .unwrap();
+    let frame = encode(true, 0x2, &message, true);
+    let writer = tokio::spawn(async move {
+        // 20 000 frames (320 MiB) at most; it blocks long before.
+        for _ in 0..20_000 {
+            if tcp.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        tcp
+    });
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(
+        (event.reason, event.initiator, event.text.as_str()),
+        (CloseReason::Timeout, Initiator::Local, "write timeout")
+    );
+    // Replies held: the socket's few MiB (loopback buffers autotune), our
+    // write buffer, and the queue. The peer offered up to 320 MiB.
+    let replied = calls.load(Relaxed) * message.len();
+    let held_bound = 16 * 1024 * 1024 + limit + 9 * message.len();
+    assert!(
+        replied <= held_bound,
+        "replied {replied} bytes, bound {held_bound}"
+    );
+    assert_eq!(events.len(), 1);
+    writer.abort();
+}
