@@ -118,7 +118,8 @@ def ways_in(tagged):
 
 
 LABEL = {"raw": "(a) raw", "handwritten": "(b) hand-written", "tuned": "(b′) tuned",
-         "floor": "floor", "supervisor": "ws-supervisor"}
+         "floor": "floor", "supervisor": "ws-supervisor",
+         "inline": "ws-supervisor, `on_message`"}
 MATRIX_TAGS = ("idle ", "echo ", "mt-idle ", "mt-echo ", "detection")
 
 
@@ -175,8 +176,8 @@ def matrix(runs):
     print("| metric | (b′) tuned | ws-supervisor | supervisor / (b′) | floor / (b′) |")
     print("|---|---|---|---|---|")
 
-    def lead(name, prefix, key, fmt, floor=True, **kw):
-        t, s_, f = pick(prefix, "tuned", **kw), pick(prefix, "supervisor", **kw), pick(prefix, "floor", **kw)
+    def lead(name, prefix, key, fmt, floor=True, kind="supervisor", **kw):
+        t, s_, f = pick(prefix, "tuned", **kw), pick(prefix, kind, **kw), pick(prefix, "floor", **kw)
         if not t or not s_:
             return
         fl = vs(f, t, key) if floor and f else "-"
@@ -190,6 +191,10 @@ def matrix(runs):
              "{:.2f}", message_bytes=b)
         lead(f"echo 64 × {b} B: round trips/s, 1 core", "echo ", "round_trips_per_s", "{:.0f}",
              message_bytes=b)
+        lead(f"echo 64 × {b} B, `on_message`: server CPU/round trip (µs), 1 core", "echo ",
+             "cpu_us_per_round_trip", "{:.2f}", kind="inline", message_bytes=b)
+        lead(f"echo 64 × {b} B, `on_message`: round trips/s, 1 core", "echo ", "round_trips_per_s",
+             "{:.0f}", kind="inline", message_bytes=b)
     lead(f"idle {n}: CPU/heartbeat (µs), 2 workers, unpinned", "mt-idle ", "cpu_us_per_heartbeat", "{:.2f}")
     lead(f"idle {n}: RSS/conn (KiB), 2 workers, unpinned", "mt-idle ", "rss_per_conn_kib", "{:.2f}")
     for b in echo_sizes:
@@ -197,13 +202,15 @@ def matrix(runs):
              "cpu_us_per_round_trip", "{:.2f}", message_bytes=b)
         lead(f"echo 64 × {b} B: round trips/s, 2 workers", "mt-echo ", "round_trips_per_s", "{:.0f}",
              message_bytes=b)
+        lead(f"echo 64 × {b} B, `on_message`: server CPU/round trip (µs), 2 workers", "mt-echo ",
+             "cpu_us_per_round_trip", "{:.2f}", kind="inline", message_bytes=b)
     det = {k: pick("detection", k) for k in ("tuned", "supervisor")}
     if det["tuned"] and det["supervisor"]:
         t, s_ = det["tuned"][0], det["supervisor"][0]
         print(f"| detection p99 (ms), false kills | {t['p99_ms']}, {t['false_kills']} "
               f"| {s_['p99_ms']}, {s_['false_kills']} | {ratio(s_['p99_ms'], t['p99_ms'])} | - |")
 
-    kinds = ["raw", "handwritten", "tuned", "floor", "supervisor"]
+    kinds = ["raw", "handwritten", "tuned", "floor", "supervisor", "inline"]
     for prefix, title in (("idle ", "one core: server on CPU 0, load generator on CPU 1"),
                           ("mt-idle ", "server on a 2-worker multi_thread runtime, unpinned; "
                                        "the load generator shares the 2 cores")):

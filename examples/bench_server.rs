@@ -26,6 +26,9 @@
 //!   yardstick for the heartbeat, not a usable server.
 //! * `supervisor` — ws-supervisor with its defaults, except the ping
 //!   interval and pong timeout given on the command line: `accept`.
+//! * `inline` — `supervisor`, with the echo given to
+//!   `Connection::on_message` (run on the connection's own task) instead of
+//!   a task that loops on `recv` and `send`.
 //!
 //! The other ways in, each the same supervisor and the same echo task
 //! (docs/benchmarks.md, "Ways in"):
@@ -86,6 +89,7 @@ enum Kind {
     Tuned,
     Floor,
     Supervisor,
+    Inline,
     Axum,
     Hyper,
     Tls,
@@ -145,6 +149,7 @@ fn parse_args() -> Result<Args, String> {
                     "tuned" => Kind::Tuned,
                     "floor" => Kind::Floor,
                     "supervisor" => Kind::Supervisor,
+                    "inline" => Kind::Inline,
                     "axum" => Kind::Axum,
                     "hyper" => Kind::Hyper,
                     "tls" => Kind::Tls,
@@ -250,6 +255,14 @@ async fn serve(args: Args) {
                     }
                 });
             }
+            Kind::Inline => {
+                let supervisor = supervisor.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = supervisor.accept(tcp).peer_addr(peer).await {
+                        echo_inline(conn).await;
+                    }
+                });
+            }
             Kind::SuperviseDefault => {
                 let supervisor = supervisor.clone();
                 tokio::spawn(async move {
@@ -286,6 +299,17 @@ async fn echo(mut conn: Connection) {
         if conn.send(message).await.is_err() {
             break;
         }
+    }
+}
+
+/// The echo of kind `inline`: on the connection's own task; the
+/// application's task only holds the connection until it ends.
+async fn echo_inline(mut conn: Connection) {
+    let echo = conn.on_message(|message, reply| {
+        let _ = reply.send(message);
+    });
+    if echo.is_ok() {
+        conn.closed().await;
     }
 }
 
