@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     inbox: Mutex<Inbox>,
     /// The application's task, waiting in [`Connection::recv`].
     app: AtomicWaker,
+    /// A message handler waits in the inbox for the driver to take it.
+    handler_offered: AtomicBool,
     /// What the application's senders queued for the driver, oldest first.
     outbox: Mutex<Outbox>,
     /// `outbound_queue`: senders wait while the outbox holds this many.
@@ -85,8 +87,8 @@ struct Inbox {
     /// The driver has ended: once `messages` is empty, `recv` gives `None`.
     ended: bool,
     /// The application's message handler ([`Connection::on_message`]),
-    /// set only while `messages` is empty, until the driver takes it with
-    /// the next message.
+    /// until the driver takes it (see `handler_offered`) and, before
+    /// reading on, the messages still queued here, in order.
     handler: Option<Handler>,
 }
 
@@ -165,6 +167,7 @@ impl Shared {
             read_woken: AtomicBool::new(true),
             inbox: Mutex::new(Inbox::default()),
             app: AtomicWaker::new(),
+            handler_offered: AtomicBool::new(false),
             outbox: Mutex::new(Outbox::default()),
             outbound_limit,
         }
@@ -172,43 +175,58 @@ impl Shared {
 
     // ----- the inbox: driver -> application -----
 
-    /// The driver read `message` for the application: queued, or given
-    /// back with the application's message handler, for the driver to keep
-    /// and call from now on.
-    pub(crate) fn deliver(&self, message: Message) -> Result<(), (Handler, Message)> {
-        let mut inbox = lock(&self.inbox);
-        if let Some(handler) = inbox.handler.take() {
-            return Err((handler, message));
-        }
+    /// The driver read `message` for the application.
+    pub(crate) fn deliver(&self, message: Message) {
         self.unread.fetch_add(cost(&message), Relaxed);
-        inbox.messages.push_back(message);
-        drop(inbox);
+        lock(&self.inbox).messages.push_back(message);
         self.app.wake();
-        Ok(())
     }
 
-    /// Runs the messages already queued through `handler`, here, in order;
-    /// then leaves it for the driver, which calls it from the next message
-    /// on. A message the driver delivers meanwhile is either queued before
-    /// this looks (and taken here) or finds the handler.
-    fn install(&self, mut handler: Handler, id: ConnectionId, write_buffer_limit: usize) {
-        loop {
-            let mut inbox = lock(&self.inbox);
-            let Some(message) = inbox.messages.pop_front() else {
-                // After the driver's end, nobody will call it.
-                if !inbox.ended {
-                    inbox.handler = Some(handler);
-                }
-                return;
-            };
-            drained(&mut inbox.messages);
+    /// Leaves `handler` for the driver, which takes it on its next turn
+    /// ([`take_handler`](Self::take_handler)) and then runs the messages
+    /// still queued through it, in order, before reading on. After the
+    /// driver's end, nobody would call it: it is dropped.
+    fn offer_handler(&self, handler: Handler) {
+        let mut inbox = lock(&self.inbox);
+        if inbox.ended {
             drop(inbox);
-            self.took(cost(&message));
-            handler(
-                message,
-                &mut Reply::new(self, id, write_buffer_limit, false),
-            );
+            drop(handler);
+            return;
         }
+        inbox.handler = Some(handler);
+        self.handler_offered.store(true, Release);
+        drop(inbox);
+        self.reader.wake();
+    }
+
+    /// The message handler the application offered, if any (once).
+    pub(crate) fn take_handler(&self) -> Option<Handler> {
+        if !self.handler_offered.load(Acquire) {
+            return None;
+        }
+        let mut inbox = lock(&self.inbox);
+        self.handler_offered.store(false, Relaxed);
+        inbox.handler.take()
+    }
+
+    /// The oldest queued message, if any (for the driver's handler).
+    pub(crate) fn take_queued(&self) -> Option<Message> {
+        self.try_take().flatten()
+    }
+
+    /// `Ready(None)` once the driver has ended, whatever is queued (a
+    /// handler takes the messages), else `Pending` with the application's
+    /// task registered.
+    fn poll_end(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        if lock(&self.inbox).ended {
+            return Poll::Ready(None);
+        }
+        // Register, then look again: an end in between wakes us.
+        self.app.register(cx.waker());
+        if lock(&self.inbox).ended {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
     /// The driver has ended: `recv` gives `None` after the last message.
@@ -293,31 +311,21 @@ impl Shared {
         }
     }
 
-    /// Queues `command` whatever the outbox holds (a handler's reply:
-    /// the driver calls handlers only while there is room, see
-    /// [`outbox_is_full`](Self::outbox_is_full)); wakes the driver if
-    /// `wake`.
-    pub(crate) fn push_command(&self, command: Command, wake: bool) -> Result<(), Error> {
+    /// Queues a handler's `command`, whatever the outbox holds (the driver
+    /// bounds a handler's replies itself), without a wake-up: the driver
+    /// calls handlers, and takes the outbox later in the same turn.
+    pub(crate) fn push_command(&self, command: Command) -> Result<(), Error> {
         let mut outbox = lock(&self.outbox);
         if outbox.closed {
             return Err(Error::closed());
         }
         outbox.commands.push_back(command);
-        drop(outbox);
-        if wake {
-            self.reader.wake();
-        }
         Ok(())
     }
 
     /// Whether the outbox holds nothing.
     pub(crate) fn outbox_is_empty(&self) -> bool {
         lock(&self.outbox).commands.is_empty()
-    }
-
-    /// Whether the outbox holds `outbound_queue` commands or more.
-    pub(crate) fn outbox_is_full(&self) -> bool {
-        lock(&self.outbox).commands.len() >= self.outbound_limit
     }
 
     /// The oldest queued command, if any; frees room for a waiting sender.
@@ -450,6 +458,9 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) enum Command {
     Send(Message),
+    /// A message handler's [`Reply::send`]: counted by the driver until
+    /// it writes it.
+    Reply(Message),
     Close(Option<CloseFrame>),
 }
 
@@ -682,6 +693,10 @@ impl Connection {
     }
 
     fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        if self.handled {
+            // The handler takes every message, the queued ones too.
+            return self.shared.poll_end(cx);
+        }
         self.shared.poll_take(cx)
     }
 
@@ -689,25 +704,25 @@ impl Connection {
     /// instead of queueing it for [`recv`](Self::recv): `handler` gets each
     /// message and a [`Reply`] for the same connection.
     ///
-    /// This saves a task wake-up and a queue hop per message each way (an
-    /// echo's server CPU per round trip, `docs/benchmarks.md`), for work
+    /// This saves a task wake-up and a queue hop per message each way
+    /// (an echo's server CPU per round trip, `docs/benchmarks.md`), for work
     /// that is quick and never waits: parse, update shared state, answer,
     /// or hand off to other connections' [`Sender`]s. Work that awaits
     /// belongs in a task of its own, fed by [`recv`](Self::recv).
     ///
-    /// * **Order.** Messages already queued are handled first, here, in
-    ///   order; then the driver calls `handler` for each message as it is
-    ///   read. [`recv`](Self::recv) then yields nothing more, and `None`
-    ///   once the connection has ended.
-    /// * **Heartbeats.** The driver reads, calls `handler`, and checks its
-    ///   timers in the same turn, one message at a time, so pings and
-    ///   deadlines wait for at most one call. `handler` must not block: a
-    ///   call that takes long delays that connection's pings by as much, as
-    ///   any code on its task would.
-    /// * **Backpressure.** `handler` is called only while the send queue
-    ///   has room ([`outbound_queue`](crate::ConfigBuilder::outbound_queue));
-    ///   while it is full, reading pauses (the pong deadline with it, as
-    ///   for the inbound budget) and the
+    /// * **Order.** The driver takes `handler` on its next turn and runs
+    ///   the messages already queued through it first, in order, then each
+    ///   message as it is read. [`recv`](Self::recv) yields no message
+    ///   from here on, and `None` once the connection has ended.
+    /// * **Heartbeats.** The driver calls `handler` with one message, then
+    ///   checks its timers, in the same turn, so pings and deadlines wait
+    ///   for at most one call. `handler` must not block: a call that takes
+    ///   long delays that connection's pings by as much, as any code on
+    ///   its task would.
+    /// * **Backpressure.** `handler` is called only while fewer than
+    ///   [`outbound_queue`](crate::ConfigBuilder::outbound_queue) of its
+    ///   replies wait to be written; until then reading pauses (the pong
+    ///   deadline with it, as for the inbound budget), and the
     ///   [`write_timeout`](crate::ConfigBuilder::write_timeout) judges a
     ///   peer that does not read our replies.
     /// * **Panics.** A panic in `handler` (on the connection's task) ends
@@ -739,9 +754,7 @@ impl Connection {
         if std::mem::replace(&mut self.handled, true) {
             return Err(Error::invalid("a message handler was already given"));
         }
-        let sender = &self.sender;
-        self.shared
-            .install(Box::new(handler), sender.id, sender.write_buffer_limit);
+        self.shared.offer_handler(Box::new(handler));
         Ok(())
     }
 
@@ -883,8 +896,8 @@ mod tests {
     #[tokio::test]
     async fn the_inbox_yields_every_message_then_none_once_ended() {
         let s = shared(1);
-        assert!(s.deliver(Message::text("x")).is_ok());
-        assert!(s.deliver(Message::binary(vec![1u8; 10])).is_ok());
+        s.deliver(Message::text("x"));
+        s.deliver(Message::binary(vec![1u8; 10]));
         assert_eq!(s.unread.load(Relaxed), 11 + 2 * size_of::<Message>());
         s.end_inbox();
         let take = || std::future::poll_fn(|cx| s.poll_take(cx));
@@ -896,7 +909,7 @@ mod tests {
         // A burst's memory goes back once it is taken.
         let s = shared(1);
         for i in 0..100 {
-            assert!(s.deliver(Message::binary(vec![i])).is_ok());
+            s.deliver(Message::binary(vec![i]));
         }
         for _ in 0..100 {
             assert!(matches!(s.try_take(), Some(Some(_))));
@@ -909,7 +922,7 @@ mod tests {
         let s = Arc::new(Shared::new(Instant::now(), 10 * size_of::<Message>(), 1));
         for _ in 0..10 {
             assert!(!s.over_budget());
-            assert!(s.deliver(Message::binary(Vec::new())).is_ok());
+            s.deliver(Message::binary(Vec::new()));
         }
         assert!(
             s.over_budget(),
@@ -921,20 +934,26 @@ mod tests {
     }
 
     #[test]
-    fn a_handler_takes_the_queued_messages_then_goes_to_the_driver_with_the_next() {
+    fn an_offered_handler_goes_to_the_driver_once_with_the_queue_left_in_order() {
         let s = shared(4);
-        assert!(s.deliver(Message::text("a")).is_ok());
-        assert!(s.deliver(Message::text("b")).is_ok());
+        s.deliver(Message::text("a"));
+        s.deliver(Message::text("b"));
+        assert!(s.take_handler().is_none(), "nothing offered yet");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        s.install(
-            Box::new(move |m, reply| {
-                log.lock().unwrap().push(m.clone());
-                reply.send(m).unwrap();
-            }),
-            ConnectionId(7),
-            1024,
-        );
+        s.offer_handler(Box::new(move |m, reply| {
+            log.lock().unwrap().push(m.clone());
+            reply.send(m).unwrap();
+        }));
+        // Nothing runs on the application's side: the queue is left as is.
+        assert!(seen.lock().unwrap().is_empty());
+        let mut handler = s.take_handler().expect("offered");
+        assert!(s.take_handler().is_none(), "taken once");
+        // The driver runs the queue through it, in order.
+        let mut waiting = 0;
+        while let Some(m) = s.take_queued() {
+            handler(m, &mut Reply::new(&s, &mut waiting, ConnectionId(7), 1024));
+        }
         assert_eq!(
             *seen.lock().unwrap(),
             [Message::text("a"), Message::text("b")]
@@ -944,42 +963,44 @@ mod tests {
             0,
             "handled messages leave the budget"
         );
-        // Their replies are queued, in order, for the driver.
+        // Its replies are queued, in order, and counted for the driver.
+        assert_eq!(waiting, 2);
         let replies: Vec<_> = std::iter::from_fn(|| s.next_command()).collect();
-        assert!(matches!(&replies[..], [Command::Send(a), Command::Send(b)]
-            if *a == Message::text("a") && *b == Message::text("b")));
-        // The next delivery hands the handler to the driver with the message.
-        let Err((mut handler, m)) = s.deliver(Message::text("c")) else {
-            panic!("the handler goes to the driver");
-        };
-        assert_eq!(m, Message::text("c"));
-        handler(m, &mut Reply::new(&s, ConnectionId(7), 1024, true));
-        assert_eq!(seen.lock().unwrap().len(), 3);
-        assert!(lock(&s.inbox).messages.is_empty());
+        assert!(
+            matches!(&replies[..], [Command::Reply(a), Command::Reply(b)]
+            if *a == Message::text("a") && *b == Message::text("b"))
+        );
+    }
+
+    #[tokio::test]
+    async fn with_a_handler_recv_yields_no_message_then_none_at_the_end() {
+        let s = shared(1);
+        s.deliver(Message::text("for the handler"));
+        s.offer_handler(Box::new(|_, _| {}));
+        let take = || std::future::poll_fn(|cx| s.poll_end(cx));
+        assert!(futures::FutureExt::now_or_never(take()).is_none());
+        s.end_inbox();
+        assert_eq!(take().await, None);
     }
 
     #[test]
-    fn a_handler_no_message_reached_is_dropped_when_the_driver_ends() {
+    fn a_handler_the_driver_never_took_is_dropped_when_the_driver_ends() {
         // It may hold the connection's own `Sender`: kept, that would be a
         // cycle through `Shared`, and neither would be freed.
         let s = shared(1);
         let held = Arc::new(());
         let in_handler = held.clone();
-        s.install(
-            Box::new(move |_, _| assert!(Arc::strong_count(&in_handler) > 0)),
-            ConnectionId(1),
-            1024,
-        );
+        s.offer_handler(Box::new(move |_, _| {
+            assert!(Arc::strong_count(&in_handler) > 0)
+        }));
         assert_eq!(Arc::strong_count(&held), 2);
         s.end_inbox();
         assert_eq!(Arc::strong_count(&held), 1);
-        // Given after the end, it is not kept at all.
+        // Offered after the end, it is not kept at all.
         let in_handler = held.clone();
-        s.install(
-            Box::new(move |_, _| assert!(Arc::strong_count(&in_handler) > 0)),
-            ConnectionId(1),
-            1024,
-        );
+        s.offer_handler(Box::new(move |_, _| {
+            assert!(Arc::strong_count(&in_handler) > 0)
+        }));
         assert_eq!(Arc::strong_count(&held), 1);
     }
 
@@ -992,7 +1013,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!receiver.is_finished());
-        assert!(s.deliver(Message::text("late")).is_ok());
+        s.deliver(Message::text("late"));
         assert_eq!(receiver.await.unwrap(), Some(Message::text("late")));
     }
 }

@@ -136,9 +136,14 @@ struct ToApp {
     frames_waiting: bool,
     /// How long an expired pong deadline waits for those frames.
     overdue: OverdueReads,
-    /// The application's message handler, once the first message after
-    /// [`Connection::on_message`](crate::Connection::on_message) found it.
+    /// The application's message handler, taken on the turn after
+    /// [`Connection::on_message`](crate::Connection::on_message) offered it.
     handler: Option<Handler>,
+    /// Messages queued before the handler was taken may still wait in the
+    /// inbox: the handler gets them before anything is read.
+    backlog: bool,
+    /// The handler's replies queued and not yet written.
+    replies: usize,
     /// The waker reads go with ([`Shared::read_waker`]).
     waker: Waker,
     /// The last read was a `Pending` that registered `waker` with the
@@ -230,6 +235,8 @@ where
                 frames_waiting: false,
                 overdue: OverdueReads::default(),
                 handler: None,
+                backlog: false,
+                replies: 0,
                 waker: read_waker,
                 armed: false,
             },
@@ -452,17 +459,14 @@ where
     /// dropped from then on anyway). The pong deadline is suspended while
     /// paused: the peer's pong may be sitting unread behind the data.
     ///
-    /// A message handler's replies pause reading the same way while the
-    /// outbox is full (the driver itself frees it, as the socket takes our
-    /// bytes); only the inbound budget counts towards `read_stall_limit`.
+    /// A message handler's replies pause reading the same way while
+    /// `outbound_queue` of them wait to be written (the driver itself
+    /// writes them, as the socket takes our bytes); only the inbound budget
+    /// counts towards `read_stall_limit`.
     fn paused_for_budget(&mut self, now: Instant) -> bool {
         // `poll` registered the task before this look: a take after it
         // wakes us.
-        let full = || {
-            self.shared.over_budget()
-                || (self.to_app.handler.is_some() && self.shared.outbox_is_full())
-        };
-        if self.phase == Phase::Open && full() {
+        if self.phase == Phase::Open && (self.shared.over_budget() || self.replies_full()) {
             if self.to_app.paused_since.is_none() {
                 self.to_app.paused_since = Some(now);
                 self.hb.suspend();
@@ -481,6 +485,10 @@ where
         if !reading {
             self.to_app.armed = false;
             return false;
+        }
+        // A message handler gets what was queued before it, first.
+        if self.handle_backlog(now) {
+            return true;
         }
         // The budget first: a message that filled it pauses reading now,
         // even if the socket has nothing new (the registration stays).
@@ -649,9 +657,38 @@ where
         if self.phase != Phase::Open && self.shared.over_budget() {
             return;
         }
-        if let Err((handler, message)) = self.shared.deliver(message) {
+        self.shared.deliver(message);
+    }
+
+    /// Whether `outbound_queue` of the handler's replies wait to be written.
+    fn replies_full(&self) -> bool {
+        self.to_app.replies >= self.state.config().outbound_queue()
+    }
+
+    /// Takes the handler the application offered, if any, and hands it the
+    /// next message queued before, if any and if its replies leave room;
+    /// returns whether it did (then this turn reads nothing new: the
+    /// queued messages come first).
+    fn handle_backlog(&mut self, now: Instant) -> bool {
+        if self.to_app.handler.is_none() {
+            let Some(handler) = self.shared.take_handler() else {
+                return false;
+            };
             self.to_app.handler = Some(handler);
-            self.handle(message, now);
+            self.to_app.backlog = true;
+        }
+        if !self.to_app.backlog || self.replies_full() {
+            return false;
+        }
+        match self.shared.take_queued() {
+            Some(message) => {
+                self.handle(message, now);
+                true
+            }
+            None => {
+                self.to_app.backlog = false;
+                false
+            }
         }
     }
 
@@ -662,16 +699,18 @@ where
             return;
         };
         let limit = self.state.config().write_buffer_limit();
-        let mut reply = Reply::new(&self.shared, self.guard.id(), limit, true);
-        let call = catch_unwind(AssertUnwindSafe(|| handler(message, &mut reply)));
-        if call.is_err() {
-            // A closure that captures nothing: no allocation, and dropping
-            // it cannot panic again.
-            self.to_app.handler = Some(Box::new(|_, _| {}));
-            if self.phase == Phase::Open {
-                let until = now + self.state.config().close_timeout();
-                self.close_with(Cause::AppPanicked, until);
-            }
+        let waiting = &mut self.to_app.replies;
+        let mut reply = Reply::new(&self.shared, waiting, self.guard.id(), limit);
+        if catch_unwind(AssertUnwindSafe(|| handler(message, &mut reply))).is_ok() {
+            return;
+        }
+        // In its place, a closure that captures nothing: no allocation, and
+        // dropping it cannot panic. Dropping the one that panicked may.
+        let panicked = self.to_app.handler.replace(Box::new(|_, _| {}));
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(panicked)));
+        if self.phase == Phase::Open {
+            let until = now + self.state.config().close_timeout();
+            self.close_with(Cause::AppPanicked, until);
         }
     }
 
@@ -715,10 +754,12 @@ where
             match self.shared.next_command() {
                 Some(Command::Send(message)) => {
                     progress = true;
-                    let metrics = self.state.metrics();
-                    metrics.messages_sent.increment(1);
-                    metrics.bytes_sent.increment(message.len() as u64);
-                    self.start_send(message);
+                    self.send_message(message);
+                }
+                Some(Command::Reply(message)) => {
+                    progress = true;
+                    self.to_app.replies -= 1;
+                    self.send_message(message);
                 }
                 Some(Command::Close(frame)) => {
                     progress = true;
@@ -734,6 +775,14 @@ where
             }
         }
         progress
+    }
+
+    /// Writes an application message (counted).
+    fn send_message(&mut self, message: Message) {
+        let metrics = self.state.metrics();
+        metrics.messages_sent.increment(1);
+        metrics.bytes_sent.increment(message.len() as u64);
+        self.start_send(message);
     }
 
     /// Once the connection leaves [`Phase::Open`], senders get `is_closed`

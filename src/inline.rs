@@ -18,32 +18,33 @@ pub(crate) type Handler = Box<dyn FnMut(Message, &mut Reply<'_>) + Send>;
 /// messages and a Close for the same connection, queued for its driver in
 /// order, behind what its [`Sender`](crate::Sender)s queued before.
 ///
-/// A reply never waits: the handler is called only while the connection's
-/// send queue has room (see
-/// [`on_message`](crate::Connection::on_message)), and what one call
-/// replies is queued even past
-/// [`outbound_queue`](crate::ConfigBuilder::outbound_queue).
+/// A reply never waits, and wakes no task: the handler runs on the
+/// driver's task, which writes the replies later in the same turn. The
+/// handler is called only while fewer than
+/// [`outbound_queue`](crate::ConfigBuilder::outbound_queue) of its replies
+/// wait to be written (see [`on_message`](crate::Connection::on_message));
+/// what one call replies is queued whatever the queue holds.
 pub struct Reply<'a> {
     shared: &'a Shared,
+    /// The handler's replies queued and not yet written (the driver's
+    /// count).
+    waiting: &'a mut usize,
     id: ConnectionId,
     write_buffer_limit: usize,
-    /// Called from the driver's own task: it takes the queue in this turn,
-    /// so waking it would only poll it once more for nothing.
-    from_driver: bool,
 }
 
 impl<'a> Reply<'a> {
     pub(crate) fn new(
         shared: &'a Shared,
+        waiting: &'a mut usize,
         id: ConnectionId,
         write_buffer_limit: usize,
-        from_driver: bool,
     ) -> Self {
         Self {
             shared,
+            waiting,
             id,
             write_buffer_limit,
-            from_driver,
         }
     }
 
@@ -61,7 +62,9 @@ impl<'a> Reply<'a> {
     /// write-buffer limit. In every error case nothing was queued.
     pub fn send(&mut self, message: impl Into<Message>) -> Result<(), Error> {
         let message = checked_message(message.into(), self.write_buffer_limit)?;
-        self.push(Command::Send(message))
+        self.shared.push_command(Command::Reply(message))?;
+        *self.waiting += 1;
+        Ok(())
     }
 
     /// Starts the closing handshake with `code` and `reason`, after the
@@ -70,11 +73,7 @@ impl<'a> Reply<'a> {
     /// # Errors
     /// As [`Sender::close`](crate::Sender::close).
     pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), Error> {
-        self.push(close_command(code, reason)?)
-    }
-
-    fn push(&mut self, command: Command) -> Result<(), Error> {
-        self.shared.push_command(command, !self.from_driver)
+        self.shared.push_command(close_command(code, reason)?)
     }
 }
 

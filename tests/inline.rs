@@ -271,3 +271,59 @@ async fn a_peer_that_reads_no_replies_is_a_write_stall_with_bounded_replies() {
     assert_eq!(events.len(), 1);
     writer.abort();
 }
+
+/// Other tasks' `Sender`s keep the send queue full: a broadcast faster
+/// than the peer reads (it reads, slowly, so the write side makes progress
+/// and the write timeout rightly never fires). Only the handler's own
+/// replies count against its pause, so reading goes on: the peer's
+/// messages still reach the handler (which answers none of them here).
+async fn senders_that_fill_the_queue() {
+    let config = Config::builder().outbound_queue(8).build().unwrap();
+    let (sup, _events) = supervisor(config);
+    let (mut conn, peer) = over_tcp(&sup).await;
+    let (tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    conn.on_message(move |message, _| tx.send(message).unwrap())
+        .unwrap();
+    let sender = conn.sender();
+    let broadcast = tokio::spawn(async move {
+        // 100 MB at most; the peer drains far less in this test.
+        for _ in 0..200_000 {
+            if sender.send(vec![0u8; 512]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut write, mut read) = peer.split();
+    let slow_reader = tokio::spawn(async move {
+        // At most 100 000 reads of a message, one per millisecond.
+        for _ in 0..100_000 {
+            if !matches!(read.next().await, Some(Ok(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    // Let the broadcast fill our buffers first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..10u32 {
+        write.send(Message::text(i.to_string())).await.unwrap();
+    }
+    for i in 0..10u32 {
+        let got = timeout(BOUND, handled.recv())
+            .await
+            .expect("the peer's messages are read while the queue is full");
+        assert_eq!(got, Some(Message::text(i.to_string())));
+    }
+    broadcast.abort();
+    slow_reader.abort();
+}
+
+#[tokio::test]
+async fn a_queue_kept_full_by_other_senders_does_not_stop_reading() {
+    senders_that_fill_the_queue().await;
+}
+
+#[test]
+fn a_queue_kept_full_by_other_senders_does_not_stop_reading_multi_thread() {
+    multi_thread().block_on(senders_that_fill_the_queue());
+}
