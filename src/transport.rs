@@ -27,12 +27,12 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// buffer (see [`Config::websocket_config`]), and the layer reads up to
 /// [`Config::read_buffer_size`] bytes per system call into a stack buffer,
 /// handing tungstenite what it asks for; only bytes tungstenite has not yet
-/// asked for are kept on the heap, and that allocation is freed as soon as it
-/// is drained. An idle connection therefore holds no read buffer here.
-///
-/// Within a frame longer than tungstenite's next request (a large message),
-/// the layer reads into that heap buffer directly and keeps it until the
-/// frame's bytes are all read, so the payload is not copied twice.
+/// asked for are kept on the heap. Within a frame longer than tungstenite's
+/// next request (a large message), the layer reads into that heap buffer
+/// directly, so the payload is not copied twice; the next read outside
+/// such a frame gives the memory back. The driver reads once more after
+/// every message unless the socket gave that message whole with nothing
+/// behind it, so an idle connection holds no read buffer here.
 ///
 /// Use it together with [`Config::websocket_config`]: the example there
 /// builds a stream exactly as the supervisor does.
@@ -711,24 +711,48 @@ mod tests {
         tx.write_all(&data).await.unwrap();
         // Read as tungstenite does under this layer: 256 bytes at a time.
         let mut got = Vec::new();
-        let mut capacities = Vec::new();
+        let (mut capacities, mut lens) = (Vec::new(), Vec::new());
         while got.len() < data.len() {
             let mut buf = [0u8; 256];
             let n = t.read(&mut buf).await.unwrap();
             got.extend_from_slice(&buf[..n]);
             capacities.push(t.spill.capacity());
+            lens.push(t.spill.len());
         }
         assert_eq!(got, data, "every byte, in order");
-        // Within the frame the memory is one chunk, kept between reads.
+        // Within the frame the memory is one chunk: the first read's rest
+        // (4096 - 256 bytes), then whole chunks read into it directly.
         assert!(capacities.iter().all(|&c| c <= 4096), "{capacities:?}");
-        assert!(
-            capacities[1..60].iter().all(|&c| c == 4096),
-            "{capacities:?}"
-        );
+        assert_eq!(lens[0], 4096 - 256);
+        assert!(lens[16..60].iter().all(|&l| l == 4096), "{lens:?}");
         // After the frame, the next read gives it back.
         drop(tx);
         assert_eq!(t.read(&mut [0u8; 256]).await.unwrap(), 0);
         assert_eq!(t.spill.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_that_arrives_in_parts_loses_no_byte() {
+        use futures::FutureExt;
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 13) as u8).collect();
+        let data = frame(0x2, &payload, Some([5, 6, 7, 8]));
+        let mut got = Vec::new();
+        // Odd-sized parts, each read until the layer would wait: then a
+        // read inside the frame finds nothing (`Pending`) and must keep
+        // its place.
+        for part in data.chunks(3001) {
+            tx.write_all(part).await.unwrap();
+            loop {
+                let mut buf = [0u8; 256];
+                match t.read(&mut buf).now_or_never() {
+                    Some(n) => got.extend_from_slice(&buf[..n.unwrap()]),
+                    None => break,
+                }
+            }
+        }
+        assert_eq!(got, data);
     }
 
     #[tokio::test]
