@@ -167,8 +167,10 @@ impl Supervisor {
     ///
     /// # Errors
     /// [`HandshakeFailure::AtCapacity`] or
-    /// [`HandshakeFailure::ShuttingDown`]: the socket is sent a Close (1013
-    /// or 1001) within the close timeout and dropped; no hook runs.
+    /// [`HandshakeFailure::ShuttingDown`]: the socket is sent a Close (1013,
+    /// or the shutdown's code: 1001 unless
+    /// [`drain_close_code`](crate::ConfigBuilder::drain_close_code) says
+    /// otherwise) within the close timeout and dropped; no hook runs.
     ///
     /// # Cancel safety
     /// Not cancel safe when refusing: dropping the future drops the socket
@@ -185,7 +187,7 @@ impl Supervisor {
             // A stream built elsewhere: nothing to see beneath tungstenite.
             Ok(slot) => self.register(ws, peer_addr, slot, ConnInfo::default(), Probe::none()),
             Err(cause) => {
-                let frame = refusal_frame(cause);
+                let frame = refusal_frame(cause, self.config().drain_close_code());
                 let close_timeout = self.config().close_timeout();
                 let _ = tokio::time::timeout(close_timeout, ws.close(Some(frame))).await;
                 Err(self.state.fail_handshake(cause, None))
@@ -244,25 +246,28 @@ impl Supervisor {
         });
         if let Some(ws) = ws {
             // Shutdown began after the handshake completed: the peer has
-            // its 101 and is told with a Close 1001, within the close
-            // timeout. No hook: the connection never existed for the app.
+            // its 101 and is told with the shutdown's Close (1001 unless
+            // `drain_close_code`), within the close timeout. No hook: the
+            // connection never existed for the app.
             self.refuse_upgraded(ws, HandshakeFailure::ShuttingDown);
             return Err(state.fail_handshake(HandshakeFailure::ShuttingDown, None));
         }
         Ok(Connection::new(sender, shared, peer_addr, info.protocol))
     }
 
-    /// Refuses an upgraded stream in the background: its Close (1001 or
-    /// 1013, see [`refusal_frame`]) and the peer's answer, within the close
-    /// timeout, on the tracker (so a `shutdown` under way waits for it).
+    /// Refuses an upgraded stream in the background: its Close (1013 or the
+    /// shutdown's code, see [`refusal_frame`]) and the peer's answer, within
+    /// the close timeout, on the tracker (so a `shutdown` under way waits
+    /// for it).
     fn refuse_upgraded<S>(&self, mut ws: WebSocketStream<S>, cause: HandshakeFailure)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let close_timeout = self.config().close_timeout();
+        let frame = refusal_frame(cause, self.config().drain_close_code());
         self.state.tracker().spawn(async move {
             let _ = tokio::time::timeout(close_timeout, async {
-                ws.close(Some(refusal_frame(cause))).await?;
+                ws.close(Some(frame)).await?;
                 // Read on until the peer answers or leaves.
                 while let Some(Ok(_)) = futures::StreamExt::next(&mut ws).await {}
                 Ok::<_, tokio_tungstenite::tungstenite::Error>(())

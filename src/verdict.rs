@@ -99,12 +99,14 @@ pub(crate) fn valid_on_the_wire(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// The Close frame that refuses an already upgraded stream given to
-/// `supervise`: 1013 (try again later) at capacity, 1001 otherwise.
-pub(crate) fn refusal_frame(cause: HandshakeFailure) -> CloseFrame {
+/// The Close frame that refuses an already upgraded stream (given to
+/// `supervise`, or upgraded as a shutdown began): 1013 (try again later) at
+/// capacity, otherwise the shutdown's own code, `shutdown_code`
+/// (`drain_close_code`: 1001 unless set).
+pub(crate) fn refusal_frame(cause: HandshakeFailure, shutdown_code: u16) -> CloseFrame {
     let code = match cause {
         HandshakeFailure::AtCapacity => CloseCode::Again,
-        _ => CloseCode::Away,
+        _ => CloseCode::from(shutdown_code),
     };
     CloseFrame {
         code,
@@ -521,13 +523,15 @@ mod tests {
         ] {
             assert_eq!(code(none), None);
         }
-        assert_eq!(
-            refusal_frame(HandshakeFailure::AtCapacity).code,
-            CloseCode::Again
-        );
-        assert_eq!(
-            refusal_frame(HandshakeFailure::ShuttingDown).code,
-            CloseCode::Away
-        );
+        for shutdown_code in [1001, 1012] {
+            assert_eq!(
+                refusal_frame(HandshakeFailure::AtCapacity, shutdown_code).code,
+                CloseCode::Again
+            );
+            assert_eq!(
+                refusal_frame(HandshakeFailure::ShuttingDown, shutdown_code).code,
+                CloseCode::from(shutdown_code)
+            );
+        }
     }
 }

@@ -463,7 +463,23 @@ async fn bytes_sent_right_behind_the_request_are_not_lost() {
 /// by dropping the socket, and the peer saw 1006 instead of Close 1001.
 #[tokio::test(start_paused = true)]
 async fn a_handshake_completed_as_shutdown_begins_is_told_with_close_1001() {
-    let (sup, events) = supervisor(Config::default());
+    completed_as_shutdown_begins(Config::default(), 1001).await;
+}
+
+/// In a drain, the shutdown's own code (here 1012), as every connection
+/// that was already open gets.
+#[tokio::test(start_paused = true)]
+async fn a_handshake_completed_as_a_drain_begins_is_told_with_the_drain_code() {
+    let config = Config::builder()
+        .drain_window(SEC)
+        .drain_close_code(1012)
+        .build()
+        .unwrap();
+    completed_as_shutdown_begins(config, 1012).await;
+}
+
+async fn completed_as_shutdown_begins(config: Config, code: u16) {
+    let (sup, events) = supervisor(config);
     // A pipe too small for the 101 response: the handshake waits on the
     // client, which reads only once shutdown has begun.
     let (server, client) = tokio::io::duplex(64);
@@ -491,7 +507,7 @@ async fn a_handshake_completed_as_shutdown_begins_is_told_with_close_1001() {
     let frame = read_frame(&mut reader)
         .await
         .expect("a Close, not a bare EOF");
-    assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));
+    assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(code)));
     shutdown.await.unwrap();
     assert_eq!(events.len(), 0, "never a connection: no hook");
     assert_eq!(sup.handshake_failures(HandshakeFailure::ShuttingDown), 1);
