@@ -96,9 +96,8 @@ async fn a_peer_that_stops_reading_is_a_write_stall_with_bounded_memory() {
         accepted <= held_bound,
         "accepted {accepted} bytes, bound {held_bound}"
     );
-    // Found within the write timeout after the socket filled (plus slack for
-    // the seconds the kernel spent taking the first megabytes).
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    // How long it took is printed, not asserted (a shared machine's clock
+    // proves nothing); `GUARD` only keeps a hang from lasting.
     assert_eq!(events.len(), 1);
     eprintln!(
         "write stall: accepted {} KiB before the stall, closed after {took:?}",
