@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::close::{CloseEvent, truncate_text};
 use crate::error::Error;
 use crate::heartbeat::HeartbeatStats;
-use crate::inline::{Handler, Reply};
+use crate::inline::{Handler, Reply, run_leftovers};
 use crate::stats::{ConnectionId, Stats};
 
 /// Sentinel for "no RTT yet" in the atomics.
@@ -183,14 +183,17 @@ impl Shared {
     }
 
     /// Leaves `handler` for the driver, which takes it on its next turn
-    /// ([`take_handler`](Self::take_handler)) and then runs the messages
-    /// still queued through it, in order, before reading on. After the
-    /// driver's end, nobody would call it: it is dropped.
-    fn offer_handler(&self, handler: Handler) {
+    /// ([`take_handler`](Self::take_handler)) and runs the messages still
+    /// queued through it, in order, one per turn, before any it reads
+    /// later. After the driver's end, the queued messages go through it
+    /// here.
+    fn offer_handler(&self, handler: Handler, id: ConnectionId, write_buffer_limit: usize) {
         let mut inbox = lock(&self.inbox);
         if inbox.ended {
+            // Too late for the driver: what it read goes through the
+            // handler here (its replies fail), then it is dropped.
             drop(inbox);
-            drop(handler);
+            run_leftovers(self, handler, id, write_buffer_limit);
             return;
         }
         inbox.handler = Some(handler);
@@ -230,15 +233,17 @@ impl Shared {
     }
 
     /// The driver has ended: `recv` gives `None` after the last message.
-    pub(crate) fn end_inbox(&self) {
+    /// Returns a message handler the driver never took, for it to run the
+    /// queued messages through (and drop: it may hold this connection's
+    /// own `Sender`, a cycle through this state).
+    #[must_use]
+    pub(crate) fn end_inbox(&self) -> Option<Handler> {
         let mut inbox = lock(&self.inbox);
         inbox.ended = true;
-        // A handler no message reached is dropped with the driver, as one
-        // that was reached is: it may hold this connection's own `Sender`.
         let handler = inbox.handler.take();
         drop(inbox);
-        drop(handler);
         self.app.wake();
+        handler
     }
 
     /// The next message, `None` at the end, or `Pending` with the
@@ -711,20 +716,25 @@ impl Connection {
     /// belongs in a task of its own, fed by [`recv`](Self::recv).
     ///
     /// * **Order.** The driver takes `handler` on its next turn and runs
-    ///   the messages already queued through it first, in order, then each
-    ///   message as it is read. [`recv`](Self::recv) yields no message
-    ///   from here on, and `None` once the connection has ended.
+    ///   the messages already queued through it, one per turn and in
+    ///   order, before any it reads later (it reads on meanwhile, so pongs
+    ///   still count). [`recv`](Self::recv) yields no message from here on,
+    ///   and `None` once the connection has ended. No message is lost:
+    ///   what was read before the end goes through `handler` even if it is
+    ///   given after the end (its replies then fail).
     /// * **Heartbeats.** The driver calls `handler` with one message, then
     ///   checks its timers, in the same turn, so pings and deadlines wait
     ///   for at most one call. `handler` must not block: a call that takes
     ///   long delays that connection's pings by as much, as any code on
     ///   its task would.
-    /// * **Backpressure.** `handler` is called only while fewer than
+    /// * **Backpressure.** While the connection is open, `handler` is
+    ///   called only while fewer than
     ///   [`outbound_queue`](crate::ConfigBuilder::outbound_queue) of its
     ///   replies wait to be written; until then reading pauses (the pong
     ///   deadline with it, as for the inbound budget), and the
-    ///   [`write_timeout`](crate::ConfigBuilder::write_timeout) judges a
-    ///   peer that does not read our replies.
+    ///   [`write_timeout`](crate::ConfigBuilder::write_timeout), not the
+    ///   "application not reading" rule, judges a peer that does not read
+    ///   our replies.
     /// * **Panics.** A panic in `handler` (on the connection's task) ends
     ///   the connection as [`Internal`](crate::CloseReason::Internal),
     ///   local, "application panicked" (1011); it is not called again.
@@ -754,7 +764,9 @@ impl Connection {
         if std::mem::replace(&mut self.handled, true) {
             return Err(Error::invalid("a message handler was already given"));
         }
-        self.shared.offer_handler(Box::new(handler));
+        let sender = &self.sender;
+        self.shared
+            .offer_handler(Box::new(handler), sender.id, sender.write_buffer_limit);
         Ok(())
     }
 
@@ -899,7 +911,7 @@ mod tests {
         s.deliver(Message::text("x"));
         s.deliver(Message::binary(vec![1u8; 10]));
         assert_eq!(s.unread.load(Relaxed), 11 + 2 * size_of::<Message>());
-        s.end_inbox();
+        assert!(s.end_inbox().is_none());
         let take = || std::future::poll_fn(|cx| s.poll_take(cx));
         assert_eq!(take().await, Some(Message::text("x")));
         assert_eq!(take().await, Some(Message::binary(vec![1u8; 10])));
@@ -941,10 +953,14 @@ mod tests {
         assert!(s.take_handler().is_none(), "nothing offered yet");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        s.offer_handler(Box::new(move |m, reply| {
-            log.lock().unwrap().push(m.clone());
-            reply.send(m).unwrap();
-        }));
+        s.offer_handler(
+            Box::new(move |m, reply| {
+                log.lock().unwrap().push(m.clone());
+                reply.send(m).unwrap();
+            }),
+            ConnectionId(7),
+            1024,
+        );
         // Nothing runs on the application's side: the queue is left as is.
         assert!(seen.lock().unwrap().is_empty());
         let mut handler = s.take_handler().expect("offered");
@@ -976,32 +992,60 @@ mod tests {
     async fn with_a_handler_recv_yields_no_message_then_none_at_the_end() {
         let s = shared(1);
         s.deliver(Message::text("for the handler"));
-        s.offer_handler(Box::new(|_, _| {}));
+        s.offer_handler(Box::new(|_, _| {}), ConnectionId(1), 1024);
         let take = || std::future::poll_fn(|cx| s.poll_end(cx));
         assert!(futures::FutureExt::now_or_never(take()).is_none());
-        s.end_inbox();
+        drop(s.end_inbox());
         assert_eq!(take().await, None);
     }
 
+    /// What a handler the driver never took saw, and whether it was
+    /// dropped: it may hold the connection's own `Sender`, and kept, that
+    /// would be a cycle through `Shared` that frees neither.
+    fn logging_handler(held: &Arc<()>) -> (Handler, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, held) = (seen.clone(), held.clone());
+        let handler: Handler = Box::new(move |m, reply| {
+            let replied = reply.send(m.clone());
+            let mut log = log.lock().unwrap();
+            log.push(format!(
+                "{} closed={}",
+                m.to_text().unwrap(),
+                replied.unwrap_err().is_closed()
+            ));
+            assert!(Arc::strong_count(&held) > 1);
+        });
+        (handler, seen)
+    }
+
     #[test]
-    fn a_handler_the_driver_never_took_is_dropped_when_the_driver_ends() {
-        // It may hold the connection's own `Sender`: kept, that would be a
-        // cycle through `Shared`, and neither would be freed.
+    fn a_handler_the_driver_never_took_gets_the_queue_when_the_driver_ends() {
         let s = shared(1);
         let held = Arc::new(());
-        let in_handler = held.clone();
-        s.offer_handler(Box::new(move |_, _| {
-            assert!(Arc::strong_count(&in_handler) > 0)
-        }));
+        s.deliver(Message::text("a"));
+        s.deliver(Message::text("b"));
+        let (handler, seen) = logging_handler(&held);
+        s.offer_handler(handler, ConnectionId(1), 1024);
         assert_eq!(Arc::strong_count(&held), 2);
-        s.end_inbox();
-        assert_eq!(Arc::strong_count(&held), 1);
-        // Offered after the end, it is not kept at all.
-        let in_handler = held.clone();
-        s.offer_handler(Box::new(move |_, _| {
-            assert!(Arc::strong_count(&in_handler) > 0)
-        }));
-        assert_eq!(Arc::strong_count(&held), 1);
+        // As the driver's drop does: end, close the send queue, run.
+        let waiting = s.end_inbox().expect("the handler it never took");
+        s.close_outbox();
+        run_leftovers(&s, waiting, ConnectionId(1), 1024);
+        assert_eq!(*seen.lock().unwrap(), ["a closed=true", "b closed=true"]);
+        assert_eq!(Arc::strong_count(&held), 1, "dropped");
+    }
+
+    #[test]
+    fn a_handler_offered_after_the_end_gets_the_queue_at_once() {
+        let s = shared(1);
+        let held = Arc::new(());
+        s.deliver(Message::text("late"));
+        assert!(s.end_inbox().is_none());
+        s.close_outbox();
+        let (handler, seen) = logging_handler(&held);
+        s.offer_handler(handler, ConnectionId(1), 1024);
+        assert_eq!(*seen.lock().unwrap(), ["late closed=true"]);
+        assert_eq!(Arc::strong_count(&held), 1, "not kept");
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use crate::connection::{Command, Shared};
 use crate::error::Error;
 use crate::guard::CloseGuard;
 use crate::heartbeat::{Heartbeat, OverdueReads, Pong};
-use crate::inline::{Handler, Reply};
+use crate::inline::{Handler, Reply, run_leftovers};
 use crate::metrics::secs;
 use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
@@ -335,12 +335,14 @@ where
     }
 
     /// Since when reading has been paused for the inbound budget, which the
-    /// application alone can free (not for a handler's full outbox, which
-    /// the socket frees).
+    /// application alone can free (not with a message handler, whose queue
+    /// and replies the driver and the socket free).
     fn stalled_since(&self) -> Option<Instant> {
+        // With a handler, the driver itself takes what is queued (as its
+        // replies leave room): the application has nothing left to do.
         self.to_app
             .paused_since
-            .filter(|_| self.shared.over_budget())
+            .filter(|_| self.to_app.handler.is_none() && self.shared.over_budget())
     }
 
     /// The next instant at which a timer needs us.
@@ -486,10 +488,16 @@ where
             self.to_app.armed = false;
             return false;
         }
-        // A message handler gets what was queued before it, first.
-        if self.handle_backlog(now) {
-            return true;
-        }
+        // A message handler gets what was queued before it first, one per
+        // turn; reading goes on meanwhile (pongs count at once, messages
+        // queue behind the rest).
+        let handled = self.handle_backlog(now);
+        handled | self.read_socket(now)
+    }
+
+    /// One read of the socket, unless paused or armed; returns whether it
+    /// made progress.
+    fn read_socket(&mut self, now: Instant) -> bool {
         // The budget first: a message that filled it pauses reading now,
         // even if the socket has nothing new (the registration stays).
         if self.paused_for_budget(now) {
@@ -651,7 +659,9 @@ where
         if self.shared.app_gone.load(Relaxed) {
             return;
         }
-        if self.to_app.handler.is_some() {
+        // A handler with no backlog takes it now; behind a backlog, the
+        // message waits its turn in the queue.
+        if self.to_app.handler.is_some() && !self.to_app.backlog {
             return self.handle(message, now);
         }
         if self.phase != Phase::Open && self.shared.over_budget() {
@@ -660,15 +670,18 @@ where
         self.shared.deliver(message);
     }
 
-    /// Whether `outbound_queue` of the handler's replies wait to be written.
+    /// Whether `outbound_queue` of the handler's replies wait to be
+    /// written (only while open: once closing, nothing more is written, and
+    /// replies fail instead of queueing).
     fn replies_full(&self) -> bool {
-        self.to_app.replies >= self.state.config().outbound_queue()
+        self.phase == Phase::Open
+            && self.to_app.replies != 0
+            && self.to_app.replies >= self.state.config().outbound_queue()
     }
 
     /// Takes the handler the application offered, if any, and hands it the
-    /// next message queued before, if any and if its replies leave room;
-    /// returns whether it did (then this turn reads nothing new: the
-    /// queued messages come first).
+    /// next queued message, if any and if its replies leave room; returns
+    /// whether it did.
     fn handle_backlog(&mut self, now: Instant) -> bool {
         if self.to_app.handler.is_none() {
             let Some(handler) = self.shared.take_handler() else {
@@ -1056,8 +1069,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
         self.shared.unregister_driver();
         // The application gets what was read, then `None`; its senders get
         // `is_closed`.
-        self.shared.end_inbox();
+        let waiting = self.shared.end_inbox();
         self.shared.close_outbox();
+        // A message handler gets what was read too (its replies fail).
+        if let Some(handler) = self.to_app.handler.take().or(waiting) {
+            let limit = self.state.config().write_buffer_limit();
+            run_leftovers(&self.shared, handler, self.guard.id(), limit);
+        }
         if self.phase == Phase::Done || std::thread::panicking() {
             return;
         }

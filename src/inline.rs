@@ -2,6 +2,7 @@
 //! [`Connection::on_message`](crate::Connection::on_message) and [`Reply`].
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -19,11 +20,13 @@ pub(crate) type Handler = Box<dyn FnMut(Message, &mut Reply<'_>) + Send>;
 /// order, behind what its [`Sender`](crate::Sender)s queued before.
 ///
 /// A reply never waits, and wakes no task: the handler runs on the
-/// driver's task, which writes the replies later in the same turn. The
-/// handler is called only while fewer than
-/// [`outbound_queue`](crate::ConfigBuilder::outbound_queue) of its replies
-/// wait to be written (see [`on_message`](crate::Connection::on_message));
-/// what one call replies is queued whatever the queue holds.
+/// driver's task, which writes the send queue in order, from the same turn
+/// on. While the connection is open, the handler is called only while
+/// fewer than [`outbound_queue`](crate::ConfigBuilder::outbound_queue) of
+/// its replies wait to be written (see
+/// [`on_message`](crate::Connection::on_message)); what one call replies is
+/// queued whatever the queue holds. Once the connection is closing, replies
+/// fail with [`Error::is_closed`].
 pub struct Reply<'a> {
     shared: &'a Shared,
     /// The handler's replies queued and not yet written (the driver's
@@ -81,4 +84,27 @@ impl fmt::Debug for Reply<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reply").field("id", &self.id).finish()
     }
+}
+
+/// Runs the messages still queued through `handler` after the driver has
+/// ended (their replies fail: the send queue is closed), then drops it.
+/// Panics are contained: the connection is over, and so is the handler.
+pub(crate) fn run_leftovers(
+    shared: &Shared,
+    mut handler: Handler,
+    id: ConnectionId,
+    write_buffer_limit: usize,
+) {
+    if std::thread::panicking() {
+        // Our own code panicked: no user code runs during the unwind.
+        return;
+    }
+    let mut waiting = 0;
+    while let Some(message) = shared.take_queued() {
+        let mut reply = Reply::new(shared, &mut waiting, id, write_buffer_limit);
+        if catch_unwind(AssertUnwindSafe(|| handler(message, &mut reply))).is_err() {
+            break;
+        }
+    }
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(handler)));
 }

@@ -327,3 +327,25 @@ async fn a_queue_kept_full_by_other_senders_does_not_stop_reading() {
 fn a_queue_kept_full_by_other_senders_does_not_stop_reading_multi_thread() {
     multi_thread().block_on(senders_that_fill_the_queue());
 }
+
+/// A handler given after the connection ended still gets what was read
+/// (replies fail: nothing more is written), so no message is lost.
+#[tokio::test]
+async fn a_handler_given_after_the_end_still_gets_what_was_read() {
+    let (sup, _events) = supervisor(Config::default());
+    let (mut conn, mut peer) = over_tcp(&sup).await;
+    peer.send(Message::text("hello")).await.unwrap();
+    peer.close(None).await.unwrap();
+    while let Some(Ok(_)) = timeout(BOUND, peer.next()).await.unwrap() {}
+    let event = timeout(BOUND, conn.closed()).await.unwrap();
+    assert_eq!(event.reason, CloseReason::Normal);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    conn.on_message(move |message, reply| {
+        let refused = reply.send("too late").unwrap_err().is_closed();
+        tx.send((message, refused)).unwrap();
+    })
+    .unwrap();
+    assert_eq!(rx.recv().await, Some((Message::text("hello"), true)));
+    assert_eq!(rx.recv().await, None, "then dropped");
+    assert_eq!(conn.recv().await, None);
+}
