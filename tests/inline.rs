@@ -13,41 +13,18 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use support::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use ws_supervisor::{CloseReason, Config, Connection, Initiator, Supervisor};
+use ws_supervisor::{CloseReason, Config, Initiator};
 
 const BOUND: Duration = Duration::from_secs(30);
-
-/// A connection accepted over loopback TCP, and its tungstenite client.
-async fn over_tcp(
-    sup: &Supervisor,
-) -> (
-    Connection,
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = {
-        let sup = sup.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            sup.accept_tcp(tcp).await.unwrap()
-        })
-    };
-    let (peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .unwrap();
-    (accept.await.unwrap(), peer)
-}
 
 /// 1000 messages of both kinds come back from an echo handler in order;
 /// then the client closes, `recv` gives `None`, and the event is `Normal`.
 async fn echo_in_order() {
     let (sup, events) = supervisor(Config::default());
-    let (mut conn, mut peer) = over_tcp(&sup).await;
+    let (mut conn, mut peer) = accept_over_tcp(&sup).await;
     conn.on_message(|message, reply| {
         reply.send(message).unwrap();
     })
@@ -101,7 +78,7 @@ fn an_inline_echo_answers_every_message_in_order_multi_thread() {
 #[tokio::test]
 async fn messages_queued_before_the_handler_reach_it_first_in_order() {
     let (sup, _events) = supervisor(Config::default());
-    let (mut conn, mut peer) = over_tcp(&sup).await;
+    let (mut conn, mut peer) = accept_over_tcp(&sup).await;
     for i in 1..=100u32 {
         peer.feed(Message::text(i.to_string())).await.unwrap();
     }
@@ -133,7 +110,7 @@ async fn pings_keep_their_schedule_while_the_handler_takes_a_stream() {
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);
-    let (mut conn, peer) = over_tcp(&sup).await;
+    let (mut conn, peer) = accept_over_tcp(&sup).await;
     let calls = Arc::new(AtomicUsize::new(0));
     conn.on_message({
         let calls = calls.clone();
@@ -171,7 +148,7 @@ async fn pings_keep_their_schedule_while_the_handler_takes_a_stream() {
 async fn a_panicking_handler_ends_the_connection_as_internal() {
     quiet_expected_panics();
     let (sup, events) = supervisor(Config::default());
-    let (mut conn, mut peer) = over_tcp(&sup).await;
+    let (mut conn, mut peer) = accept_over_tcp(&sup).await;
     let calls = Arc::new(AtomicUsize::new(0));
     conn.on_message({
         let calls = calls.clone();
@@ -217,24 +194,8 @@ async fn a_peer_that_reads_no_replies_is_a_write_stall_with_bounded_replies() {
         .build()
         .unwrap();
     let (sup, events) = supervisor(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = {
-        let sup = sup.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            sup.accept_tcp(tcp).await.unwrap()
-        })
-    };
     // The peer upgrades, then writes 16 KiB frames and never reads.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut conn = accept.await.unwrap();
+    let (mut conn, mut tcp) = accept_over_tcp_from(&sup, non_reader).await;
     let message = vec![3u8; 16 * 1024];
     let calls = Arc::new(AtomicUsize::new(0));
     conn.on_message({
@@ -280,7 +241,7 @@ async fn a_peer_that_reads_no_replies_is_a_write_stall_with_bounded_replies() {
 async fn senders_that_fill_the_queue() {
     let config = Config::builder().outbound_queue(8).build().unwrap();
     let (sup, _events) = supervisor(config);
-    let (mut conn, peer) = over_tcp(&sup).await;
+    let (mut conn, peer) = accept_over_tcp(&sup).await;
     let (tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
     conn.on_message(move |message, _| tx.send(message).unwrap())
         .unwrap();
@@ -333,7 +294,7 @@ fn a_queue_kept_full_by_other_senders_does_not_stop_reading_multi_thread() {
 #[tokio::test]
 async fn a_handler_given_after_the_end_still_gets_what_was_read() {
     let (sup, _events) = supervisor(Config::default());
-    let (mut conn, mut peer) = over_tcp(&sup).await;
+    let (mut conn, mut peer) = accept_over_tcp(&sup).await;
     peer.send(Message::text("hello")).await.unwrap();
     peer.close(None).await.unwrap();
     while let Some(Ok(_)) = timeout(BOUND, peer.next()).await.unwrap() {}

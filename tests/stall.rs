@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use support::*;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
 use ws_supervisor::{CloseReason, Config, Connection, Initiator, Supervisor};
 
@@ -36,18 +35,6 @@ async fn listen(
         }
     });
     (addr, rx)
-}
-
-/// Upgrades a raw TCP connection, then never reads again.
-async fn non_reader(addr: std::net::SocketAddr) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    tcp
 }
 
 #[tokio::test]

@@ -214,29 +214,6 @@ async fn reset_by_peer_is_abnormal() {
     );
 }
 
-/// A connection `sup` accepted over loopback TCP (`accept_tcp`, so the
-/// read layer sits on a plain `TcpStream`), and its tungstenite client.
-async fn accepted_over_tcp(
-    sup: &Supervisor,
-) -> (
-    ws_supervisor::Connection,
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = {
-        let sup = sup.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            sup.accept_tcp(tcp).await.unwrap()
-        })
-    };
-    let (peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .unwrap();
-    (accept.await.unwrap(), peer)
-}
-
 /// Pins a bug found in review: with the timers run before the flush, a
 /// connection whose application kept sending had its write side dirty in
 /// every turn a ping came due, so every ping was skipped and no pong
@@ -248,7 +225,7 @@ async fn a_connection_that_streams_messages_still_pings_on_schedule() {
         .build()
         .unwrap();
     let (sup, _events) = supervisor(config);
-    let (conn, mut peer) = accepted_over_tcp(&sup).await;
+    let (conn, mut peer) = accept_over_tcp(&sup).await;
     // The peer reads everything (and tungstenite answers the pings).
     let reader = tokio::spawn(async move {
         let mut texts = 0u64;
@@ -290,7 +267,7 @@ async fn a_parked_message_that_fills_the_budget_pauses_reading() {
         .build()
         .unwrap();
     let (sup, events) = supervisor(config);
-    let (conn, mut peer) = accepted_over_tcp(&sup).await;
+    let (conn, mut peer) = accept_over_tcp(&sup).await;
     // One message that fills the budget; then the peer is never polled
     // again (it answers no ping), and the application takes nothing.
     peer.send(Message::text("x".repeat(64))).await.unwrap();

@@ -121,6 +121,55 @@ pub async fn accept_raw_with(
     (conn.expect("accept"), peer)
 }
 
+/// A connection `sup` accepted over loopback TCP (`accept_tcp`, so the
+/// read layer sits on a plain `TcpStream`), and its tungstenite client.
+pub async fn accept_over_tcp(
+    sup: &Supervisor,
+) -> (
+    Connection,
+    WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) {
+    accept_over_tcp_from(sup, |addr| async move {
+        let url = format!("ws://{addr}/");
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    })
+    .await
+}
+
+/// A connection `sup` accepted over loopback TCP, and the peer `connect`
+/// made to its address.
+pub async fn accept_over_tcp_from<F, Fut, P>(sup: &Supervisor, connect: F) -> (Connection, P)
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = P>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            sup.accept_tcp(tcp).await.unwrap()
+        })
+    };
+    let peer = connect(addr).await;
+    (accept.await.unwrap(), peer)
+}
+
+/// Connects to `addr` and sends an upgrade request, then reads nothing:
+/// the caller writes what it likes and never reads (a peer that stops
+/// reading).
+pub async fn non_reader(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tcp
+}
+
 // ===== runtimes =====
 
 /// A multi-thread runtime with 2 workers and real time (paused time exists
