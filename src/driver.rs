@@ -140,7 +140,8 @@ struct ToApp {
     /// [`Connection::on_message`](crate::Connection::on_message) offered it.
     handler: Option<Handler>,
     /// Messages queued before the handler was taken may still wait in the
-    /// inbox: the handler gets them before anything is read.
+    /// inbox: the handler gets them first, one per turn, and messages read
+    /// meanwhile queue behind them.
     backlog: bool,
     /// The handler's replies queued and not yet written.
     replies: usize,

@@ -26,7 +26,8 @@ pub(crate) type Handler = Box<dyn FnMut(Message, &mut Reply<'_>) + Send>;
 /// its replies wait to be written (see
 /// [`on_message`](crate::Connection::on_message)); what one call replies is
 /// queued whatever the queue holds. Once the connection is closing, replies
-/// fail with [`Error::is_closed`].
+/// fail with [`Error::is_closed`] (one made in the very turn the closing
+/// began is queued but not written, as a [`Sender`](crate::Sender)'s is).
 pub struct Reply<'a> {
     shared: &'a Shared,
     /// The handler's replies queued and not yet written (the driver's
