@@ -87,8 +87,8 @@ struct Inbox {
     /// The driver has ended: once `messages` is empty, `recv` gives `None`.
     ended: bool,
     /// The application's message handler ([`Connection::on_message`]),
-    /// until the driver takes it (see `handler_offered`) and, before
-    /// reading on, the messages still queued here, in order.
+    /// until the driver takes it (see `handler_offered`); the messages
+    /// still queued here then go through it first, in order.
     handler: Option<Handler>,
 }
 
