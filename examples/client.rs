@@ -111,12 +111,11 @@ async fn main() -> ExitCode {
                 conn.peer_addr()
                     .map_or_else(|| "-".to_owned(), |a| a.to_string()),
             );
+            // The `disconnected` line comes from the close hook, which has
+            // run before the stream makes its next attempt.
             while let Some(message) = conn.recv().await {
                 println!("message {message}");
             }
-            // The `disconnected` line comes from the close hook; wait for
-            // it, so that it prints before the next attempt's lines.
-            conn.closed().await;
         }
         client.stopped().cloned()
     };

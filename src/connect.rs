@@ -339,7 +339,7 @@ fn failure(e: &WsError) -> HandshakeFailure {
 
 /// Where a request goes.
 #[derive(Debug)]
-struct Target {
+pub(crate) struct Target {
     scheme: Scheme,
     /// Without IPv6 brackets: `::1`, not `[::1]`.
     host: String,
@@ -354,7 +354,7 @@ enum Scheme {
 }
 
 impl Target {
-    fn of(request: &Request) -> Result<Self, WsError> {
+    pub(crate) fn of(request: &Request) -> Result<Self, WsError> {
         let uri = request.uri();
         let (scheme, default_port) = match uri.scheme_str() {
             Some("ws") => (Scheme::Ws, 80),

@@ -127,8 +127,10 @@ impl Backoff {
         self.max_attempts
     }
 
-    /// The longest an outage may last before the client gives up; `None`:
-    /// no limit.
+    /// The longest one disconnection (from a connection's end, or the
+    /// start, to the next connection) may last before the client gives
+    /// up; `None`: no limit. Unlike the backoff, it starts again at every
+    /// connection, flapping or not.
     pub fn max_elapsed(&self) -> Option<Duration> {
         self.max_elapsed
     }
@@ -226,8 +228,10 @@ impl BackoffBuilder {
         self
     }
 
-    /// Gives up once an outage has lasted this long (checked before each
-    /// attempt and before each wait). Must be above zero.
+    /// Gives up once one disconnection (from a connection's end, or the
+    /// start, to the next connection; unlike the backoff, it starts again
+    /// at every connection) would last longer than this: checked before
+    /// each wait. Must be above zero.
     ///
     /// # Default
     /// No limit.
@@ -290,6 +294,29 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The backoff this schedule draws from.
+    pub(crate) fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// The next delay (the schedule never ends).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let b = &self.backoff;
+        let delay = match b.jitter {
+            Jitter::None => b.cap(self.retry),
+            Jitter::Full => b.cap(self.retry).mul_f64(self.rng.unit()),
+            Jitter::Decorrelated => {
+                let high = self.previous.as_secs_f64() * b.factor;
+                let low = b.min.as_secs_f64();
+                let secs = low + (high - low) * self.rng.unit();
+                Duration::from_secs_f64(secs.min(b.max.as_secs_f64()))
+            }
+        };
+        self.previous = delay;
+        self.retry = self.retry.saturating_add(1);
+        delay
+    }
+
     /// The retry the next delay is for (0 for the first of the outage).
     pub fn retry(&self) -> u32 {
         self.retry
@@ -307,20 +334,7 @@ impl Iterator for Schedule {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let b = &self.backoff;
-        let delay = match b.jitter {
-            Jitter::None => b.cap(self.retry),
-            Jitter::Full => b.cap(self.retry).mul_f64(self.rng.unit()),
-            Jitter::Decorrelated => {
-                let high = self.previous.as_secs_f64() * b.factor;
-                let low = b.min.as_secs_f64();
-                let secs = low + (high - low) * self.rng.unit();
-                Duration::from_secs_f64(secs.min(b.max.as_secs_f64()))
-            }
-        };
-        self.previous = delay;
-        self.retry = self.retry.saturating_add(1);
-        Some(delay)
+        Some(self.next_delay())
     }
 }
 

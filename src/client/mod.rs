@@ -190,7 +190,9 @@ impl ReconnectingBuilder {
             Some(connector) => connector,
             None => {
                 let request = self.request?;
-                check_url(request.uri())?;
+                // What no attempt could ever connect to is refused now,
+                // by the same check every attempt makes.
+                crate::connect::Target::of(&request).map_err(invalid_url)?;
                 #[cfg(feature = "rustls")]
                 let tls = self.tls;
                 Box::new(move |supervisor: &Supervisor| {
@@ -216,13 +218,11 @@ impl ReconnectingBuilder {
             .unwrap_or_else(|| std::collections::hash_map::RandomState::new().hash_one(0u8));
         let runner = Runner {
             schedule: self.backoff.schedule(seed),
-            backoff: self.backoff,
             supervisor: self.supervisor,
             connector,
             rules: self.rules,
             on_connect: self.on_connect,
             current: None,
-            started: false,
             attempts: 0,
             down_since: Instant::now(),
             last_error: None,
@@ -235,33 +235,6 @@ impl ReconnectingBuilder {
             last_error: None,
         })
     }
-}
-
-/// Refuses at build time what no attempt could ever connect to.
-fn check_url(uri: &tokio_tungstenite::tungstenite::http::Uri) -> Result<(), BuildError> {
-    match uri.scheme_str() {
-        Some("ws") => {}
-        #[cfg(feature = "rustls")]
-        Some("wss") => {}
-        #[cfg(not(feature = "rustls"))]
-        Some("wss") => {
-            return Err(BuildError::InvalidUrl(
-                "wss:// needs the rustls feature".into(),
-            ));
-        }
-        _ => {
-            return Err(BuildError::InvalidUrl(format!(
-                "{uri}: not ws:// or wss://"
-            )));
-        }
-    }
-    if uri
-        .host()
-        .is_none_or(|h| h.trim_matches(['[', ']']).is_empty())
-    {
-        return Err(BuildError::InvalidUrl(format!("{uri}: no host")));
-    }
-    Ok(())
 }
 
 impl fmt::Debug for ReconnectingBuilder {
@@ -478,14 +451,12 @@ enum Step {
 struct Runner {
     supervisor: Supervisor,
     connector: Connector,
-    backoff: Backoff,
+    /// The delays, and the backoff they come from.
     schedule: Schedule,
     rules: Rules,
     on_connect: Option<OnConnect>,
     /// The last yielded connection, watched for its end.
     current: Option<Arc<Shared>>,
-    /// Whether the first attempt was made.
-    started: bool,
     /// Attempts since the last stable connection.
     attempts: u32,
     /// When the current disconnection began.
@@ -503,17 +474,17 @@ impl Runner {
     async fn next(&mut self) -> Step {
         // The first delay: none for the first attempt, the backoff after a
         // connection ended.
+        // (`None` only on the first call: the runner is dropped once it
+        // stops.)
         let mut delay = match self.current.take() {
-            None if !self.started => {
-                self.started = true;
+            None => {
                 self.down_since = Instant::now();
                 None
             }
-            None => None,
             Some(shared) => {
                 let event: CloseEvent = crate::connection::closed(&shared).await;
                 self.down_since = Instant::now();
-                if event.duration >= self.backoff.reset_after() {
+                if event.duration >= self.schedule.backoff().reset_after() {
                     // A stable connection ended: a new outage.
                     self.schedule.reset();
                     self.attempts = 0;
@@ -522,12 +493,18 @@ impl Runner {
                     let code = event.code_received.unwrap_or(CloseCode::Normal);
                     return Step::Stopped(Stop::ServerClosed(code));
                 }
-                Some(self.schedule.next().unwrap_or(self.backoff.max()))
+                Some(self.schedule.next_delay())
             }
         };
         loop {
+            // A shutdown first: it outranks every limit. (One that begins
+            // during the wait ends it; one that begins after, `connect`
+            // refuses, and that failure stops the client too.)
+            if self.supervisor.is_shutting_down() {
+                return Step::Stopped(Stop::Shutdown);
+            }
             if let Some(wait) = delay.take() {
-                if let Some(limit) = self.backoff.max_elapsed() {
+                if let Some(limit) = self.schedule.backoff().max_elapsed() {
                     if (Instant::now() + wait).duration_since(self.down_since) > limit {
                         return Step::Stopped(Stop::MaxElapsed);
                     }
@@ -535,9 +512,6 @@ impl Runner {
                 if !self.wait(wait).await {
                     return Step::Stopped(Stop::Shutdown);
                 }
-            }
-            if self.supervisor.is_shutting_down() {
-                return Step::Stopped(Stop::Shutdown);
             }
             self.attempts = self.attempts.saturating_add(1);
             self.metrics().attempts.increment(1);
@@ -572,19 +546,20 @@ impl Runner {
                     e
                 }
             };
-            if self
-                .backoff
+            let backoff = self.schedule.backoff();
+            if backoff
                 .max_attempts()
                 .is_some_and(|max| self.attempts >= max)
             {
                 self.last_error = Some(failed);
                 return Step::Stopped(Stop::MaxAttempts);
             }
-            let mut wait = self.schedule.next().unwrap_or(self.backoff.max());
+            let max = backoff.max();
+            let mut wait = self.schedule.next_delay();
             if let Some(hint) = policy::server_hint(&failed) {
                 // Honour the server, spread by the backoff draw so clients
                 // told the same wait do not return together; never past max.
-                wait = hint.saturating_add(wait).min(self.backoff.max());
+                wait = hint.saturating_add(wait).min(max);
             }
             self.last_error = Some(failed);
             delay = Some(wait);
@@ -597,7 +572,9 @@ impl Runner {
         let Some(hook) = &self.on_connect else {
             return Ok(());
         };
-        let run = AssertUnwindSafe(hook(conn.sender())).catch_unwind();
+        // The hook itself is called inside the guard too: a closure may
+        // panic before it returns its future.
+        let run = AssertUnwindSafe(async { hook(conn.sender()).await }).catch_unwind();
         let limit = self.supervisor.config().handshake_timeout();
         match tokio::time::timeout(limit, run).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -617,7 +594,7 @@ impl Runner {
         let state = self.supervisor.state();
         let _shown = BackoffShown::new(&self.metrics().backoff, delay);
         tokio::select! {
-            () = tokio::time::sleep(delay) => !self.supervisor.is_shutting_down(),
+            () = tokio::time::sleep(delay) => true,
             () = state.shutdown().begun() => false,
         }
     }
@@ -1015,19 +992,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failing_on_connect_closes_with_1011_and_backs_off() {
+    async fn a_failing_or_panicking_on_connect_closes_with_1011_and_backs_off() {
         let events = Arc::new(Mutex::new(Vec::new()));
         let seen = events.clone();
         let supervisor = Supervisor::builder(Config::default())
             .on_close(move |e: &CloseEvent| seen.lock().unwrap().push(e.clone()))
             .build();
-        let server = Server::new([Attempt::Stay, Attempt::Stay, Attempt::Stay]);
+        let server = Server::new(std::array::from_fn::<_, 5, _>(|_| Attempt::Stay));
         let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = calls.clone();
         let t0 = Instant::now();
         let mut client = builder(&supervisor, &server, fixed(1.0).build().unwrap())
             .on_connect(move |sender| {
                 let n = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                assert_ne!(n, 2, "expected in this test: a panic before the future");
                 async move {
                     match n {
                         0 => Err("no auth".into()),
@@ -1036,25 +1014,28 @@ mod tests {
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             Ok(())
                         }
+                        3 => panic!("expected in this test: a panic in the future"),
                         _ => sender.send("subscribe").await.map_err(BoxError::from),
                     }
                 }
             })
             .build()
             .unwrap();
-        let conn = client.next().await.expect("the third connection");
-        assert_eq!(client.attempts(), 3);
-        // 0: hook fails → 1 s; 1: hook times out at 11 s → 2 s → 13.
-        assert_eq!(server.times(t0), [0.0, 1.0, 13.0]);
+        let conn = client.next().await.expect("the fifth connection");
+        assert_eq!(client.attempts(), 5);
+        // 0: hook fails → 1 s; 1: hook times out at 11 s → 2 s → 13;
+        // 2: hook panics → 4 s → 17; 3: its future panics → 8 s → 25.
+        assert_eq!(server.times(t0), [0.0, 1.0, 13.0, 17.0, 25.0]);
         assert!(client.last_error().unwrap().is_on_connect());
-        // Both refused connections ended with 1011, local, hooks run once each.
+        // The four refused connections ended with 1011, local, hooks run
+        // once each.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let events = events.lock().unwrap().clone();
-        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events.len(), 4, "{events:?}");
         for e in &events {
             assert_eq!(
-                (e.reason, e.initiator),
-                (CloseReason::Internal, Initiator::Local)
+                (e.reason, e.initiator, e.text.as_str()),
+                (CloseReason::Internal, Initiator::Local, "on_connect failed")
             );
             assert_eq!(e.code_sent, Some(CloseCode::Error));
         }
