@@ -289,10 +289,4 @@ mod tests {
             Some("not a text or binary message")
         );
     }
-
-    #[test]
-    fn nonces_fit_a_javascript_number() {
-        assert_eq!(MAX_NONCE, 9_007_199_254_740_991);
-        assert_eq!(MAX_NONCE as f64 as u64, MAX_NONCE);
-    }
 }

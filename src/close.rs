@@ -179,8 +179,9 @@ pub(crate) enum Cause<'a> {
     /// The application took no message for `ping_interval + pong_timeout`
     /// while its unread data filled `inbound_buffer_limit`.
     AppStalled,
-    /// [`Supervisor::shutdown`](crate::Supervisor::shutdown).
-    Shutdown,
+    /// [`Supervisor::shutdown`](crate::Supervisor::shutdown), with its close
+    /// code (`drain_close_code`, 1001 unless set).
+    Shutdown(u16),
     /// The runtime dropped the connection's task without a shutdown (an
     /// ordinary process exit).
     RuntimeStopped,
@@ -209,7 +210,7 @@ pub(crate) fn classify(cause: &Cause<'_>) -> (CloseReason, Initiator) {
         Cause::AppClose(code) => (R::from_close_code(*code), Local),
         Cause::AppDropped => (R::Normal, Local),
         Cause::AppPanicked | Cause::AppStalled => (R::Internal, Local),
-        Cause::Shutdown | Cause::RuntimeStopped => (R::GoingAway, Local),
+        Cause::Shutdown(_) | Cause::RuntimeStopped => (R::GoingAway, Local),
         Cause::PongTimeout | Cause::WriteStalled | Cause::CloseHandshakeTimeout => {
             (R::Timeout, Local)
         }
@@ -307,7 +308,8 @@ mod tests {
             (Cause::PeerClose(code(1013)), R::GoingAway, Remote),
             (Cause::AppStalled, R::Internal, Local),
             (Cause::PeerCloseInvalid, R::ProtocolError, Remote),
-            (Cause::Shutdown, R::GoingAway, Local),
+            (Cause::Shutdown(1001), R::GoingAway, Local),
+            (Cause::Shutdown(1012), R::GoingAway, Local),
             (Cause::RuntimeStopped, R::GoingAway, Local),
             (Cause::PongTimeout, R::Timeout, Local),
             (Cause::WriteStalled, R::Timeout, Local),

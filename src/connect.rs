@@ -275,7 +275,7 @@ where
     let inner = supervisor.state();
     match tokio::time::timeout(inner.config().handshake_timeout(), handshake).await {
         Err(_) => Err(inner.fail_handshake(HandshakeFailure::Timeout, None)),
-        Ok(Err(Failed(_, WsError::Http(response)))) => {
+        Ok(Err(Failed(HandshakeFailure::HttpStatus, WsError::Http(response)))) => {
             let refusal = Refusal {
                 status: response.status().as_u16(),
                 retry_after: response

@@ -28,7 +28,7 @@ use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
 use crate::transport::{RawClose, ReadLayer};
-use crate::verdict::{close_frame, fallback_cause, shutdown_frame};
+use crate::verdict::{close_frame, fallback_cause};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
 /// connection with a flood of frames to read must not keep its worker from
@@ -99,6 +99,10 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     shared: Arc<Shared>,
     hb: Heartbeat,
     phase: Phase,
+    /// In a drained shutdown, when this connection gets its Close: planned
+    /// once, when the driver is told to stop (`None` before, or without a
+    /// drain window).
+    drain_at: Option<Instant>,
     to_app: ToApp,
     from_app: FromApp,
     write: WriteSide<S>,
@@ -231,6 +235,7 @@ where
             shared,
             hb,
             phase: Phase::Open,
+            drain_at: None,
             to_app: ToApp {
                 paused_since: None,
                 frames_waiting: false,
@@ -358,7 +363,7 @@ where
                 if let Some(since) = self.stalled_since() {
                     at = at.min(since + config.read_stall_limit());
                 }
-                if let Some(close_at) = self.state.drain_close_at(self.guard.id()) {
+                if let Some(close_at) = self.drain_at {
                     at = at.min(close_at);
                 }
                 at
@@ -393,6 +398,7 @@ where
         let deadline = self.state.shutdown().deadline().unwrap_or(now);
         match self.phase {
             Phase::Open => {
+                self.drain_at = self.state.drain_close_at(self.guard.id());
                 self.close_for_shutdown(now);
             }
             // Already closing: the grace period caps the wait.
@@ -420,14 +426,13 @@ where
         let until = if state.config().drain_window().is_zero() {
             deadline
         } else {
-            match state.drain_close_at(self.guard.id()) {
+            match self.drain_at {
                 Some(at) if now >= at => deadline.min(now + state.config().close_timeout()),
                 _ => return false,
             }
         };
-        let frame = shutdown_frame(state.config().drain_close_code());
-        self.record(Cause::Shutdown, frame.reason.to_string());
-        self.send_close(Some(frame), until);
+        let cause = Cause::Shutdown(state.config().drain_close_code());
+        self.close_with(cause, until);
         true
     }
 
@@ -1080,15 +1085,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Driver<S> {
         if self.phase == Phase::Done || std::thread::panicking() {
             return;
         }
-        let cancelled = self.state.shutdown().is_cancelled();
-        let cause = fallback_cause(cancelled, false);
-        let Some(mut frame) = close_frame(&cause) else {
+        let cause = fallback_cause(self.state.shutdown_code(), false);
+        let Some(frame) = close_frame(&cause) else {
             return;
         };
-        if cancelled {
-            // A shutdown says its own code (`drain_close_code`).
-            frame = shutdown_frame(self.state.config().drain_close_code());
-        }
         let text = frame.reason.to_string();
         if self.phase == Phase::Open {
             let code = frame.code;

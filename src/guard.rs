@@ -60,10 +60,7 @@ impl CloseGuard {
     /// releases the slot and publishes the event to the application. Runs
     /// once, from `Drop`: the driver ends by dropping its guard.
     fn finish(&mut self) {
-        let fallback = fallback_cause(
-            self.state.shutdown().is_cancelled(),
-            std::thread::panicking(),
-        );
+        let fallback = fallback_cause(self.state.shutdown_code(), std::thread::panicking());
         let outcome = self.verdict.take_outcome(fallback);
         let event = CloseEvent {
             id: self.id,

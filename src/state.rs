@@ -124,13 +124,21 @@ impl SupervisorState {
         unit(self.random(id, purpose))
     }
 
+    /// The shutdown's close code (`drain_close_code`) once the drivers
+    /// were told to stop; `None` before.
+    pub(crate) fn shutdown_code(&self) -> Option<u16> {
+        self.shutdown
+            .is_cancelled()
+            .then(|| self.config.drain_close_code())
+    }
+
     /// When a drained shutdown sends connection `id` its Close: `None`
-    /// without a drain window, or before the drivers were told to stop. A
-    /// pure function of the plan, the supervisor's seed and `id` (see
-    /// [`DrainPlan`]).
+    /// without a drain window, or before the shutdown began. A pure
+    /// function of the plan, the supervisor's seed and `id` (see
+    /// [`DrainPlan`]); a driver asks once, when it is told to stop.
     pub(crate) fn drain_close_at(&self, id: ConnectionId) -> Option<Instant> {
         let window = self.config.drain_window();
-        if window.is_zero() || !self.shutdown.is_cancelled() {
+        if window.is_zero() {
             return None;
         }
         let started = self.shutdown.started()?;
@@ -147,9 +155,13 @@ impl SupervisorState {
         cause: HandshakeFailure,
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Error {
+        self.count_failure(cause);
+        Error::handshake(cause, source)
+    }
+
+    fn count_failure(&self, cause: HandshakeFailure) {
         self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
         self.metrics.handshake_failed(cause);
-        Error::handshake(cause, source)
     }
 
     /// Counts a client upgrade the server refused and returns its error.
@@ -158,9 +170,7 @@ impl SupervisorState {
         refusal: Refusal,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
-        let cause = HandshakeFailure::HttpStatus;
-        self.handshake_failures[cause.index()].fetch_add(1, Relaxed);
-        self.metrics.handshake_failed(cause);
+        self.count_failure(HandshakeFailure::HttpStatus);
         Error::refused_upgrade(refusal, Some(Box::new(source)))
     }
 

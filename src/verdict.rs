@@ -53,7 +53,9 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
         Cause::AppDropped => (CloseCode::Normal, ""),
         Cause::AppPanicked => (CloseCode::Error, "application panicked"),
         Cause::AppStalled => (CloseCode::Error, "application not reading"),
-        Cause::Shutdown => (CloseCode::Away, "server shutting down"),
+        // Whatever the code, the same text but for 1012.
+        Cause::Shutdown(1012) => (CloseCode::Restart, "service restart"),
+        Cause::Shutdown(code) => (CloseCode::from(*code), "server shutting down"),
         Cause::RuntimeStopped => (CloseCode::Away, "runtime stopped"),
         Cause::PongTimeout => (CloseCode::Error, "ping timeout"),
         Cause::Failed(e) => {
@@ -76,20 +78,6 @@ pub(crate) fn close_frame(cause: &Cause<'_>) -> Option<CloseFrame> {
         code,
         reason: text.into(),
     })
-}
-
-/// The Close frame of [`Cause::Shutdown`] with the configured `code`
-/// (`drain_close_code`): 1001 is exactly [`close_frame`]'s, 1012 says
-/// "service restart", any other the same text as 1001.
-pub(crate) fn shutdown_frame(code: u16) -> CloseFrame {
-    let text = match code {
-        1012 => "service restart",
-        _ => "server shutting down",
-    };
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: text.into(),
-    }
 }
 
 /// Whether a peer may send `code` in a Close frame: RFC 6455 §7.4 and the
@@ -247,9 +235,9 @@ impl Verdict {
 /// What ended a task that recorded no cause: the supervisor's shutdown
 /// (`cancelled`), our own code panicking (`panicking`), or else the runtime
 /// dropping the task without a shutdown.
-pub(crate) fn fallback_cause(cancelled: bool, panicking: bool) -> Cause<'static> {
-    if cancelled {
-        Cause::Shutdown
+pub(crate) fn fallback_cause(shutdown: Option<u16>, panicking: bool) -> Cause<'static> {
+    if let Some(code) = shutdown {
+        Cause::Shutdown(code)
     } else if panicking {
         Cause::AppPanicked
     } else {
@@ -277,26 +265,19 @@ mod tests {
 
     #[test]
     fn the_shutdown_frame_carries_the_configured_code() {
-        assert_eq!(
-            Some(shutdown_frame(1001)),
-            close_frame(&Cause::Shutdown),
-            "the default is unchanged"
-        );
-        let restart = shutdown_frame(1012);
-        assert_eq!(
-            (u16::from(restart.code), &*restart.reason),
-            (1012, "service restart")
-        );
-        assert_eq!(u16::from(shutdown_frame(4000).code), 4000);
+        let frame = |code| close_frame(&Cause::Shutdown(code)).expect("a Close");
+        assert_eq!(frame(1001), self::frame(1001, "server shutting down"));
+        assert_eq!(frame(1012), self::frame(1012, "service restart"));
+        assert_eq!(frame(4000), self::frame(4000, "server shutting down"));
         // Whatever the code, a shutdown is going away, local.
-        assert_eq!(classify(&Cause::Shutdown), (R::GoingAway, Local));
+        assert_eq!(classify(&Cause::Shutdown(4000)), (R::GoingAway, Local));
     }
 
     #[test]
     fn only_the_shutdown_cause_is_closed_by_shutdown() {
         let mut v = Verdict::default();
         assert!(!v.closed_by_shutdown());
-        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        v.record(Cause::Shutdown(1001), "server shutting down".into(), None);
         assert!(v.closed_by_shutdown());
         // An application close with 1001, still waiting for the peer.
         let mut v = Verdict::default();
@@ -362,7 +343,7 @@ mod tests {
     #[test]
     fn only_an_application_close_is_provisional() {
         let mut v = Verdict::default();
-        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        v.record(Cause::Shutdown(1001), "server shutting down".into(), None);
         v.record(Cause::CloseHandshakeTimeout, String::new(), None);
         assert_eq!(reason(&mut v).0, R::GoingAway);
     }
@@ -381,7 +362,7 @@ mod tests {
 
         // Our own Close went out first: the peer's answers it.
         let mut v = Verdict::default();
-        v.record(Cause::Shutdown, "server shutting down".into(), None);
+        v.record(Cause::Shutdown(1001), "server shutting down".into(), None);
         v.sent(Some(CloseCode::Away));
         v.peer_closed(Some(&frame(1000, "")), None);
         assert_eq!(v.code_sent(), Some(CloseCode::Away));
@@ -442,7 +423,7 @@ mod tests {
     #[test]
     fn an_error_after_a_cause_is_not_the_verdict() {
         let mut v = Verdict::default();
-        v.record(Cause::Shutdown, String::new(), None);
+        v.record(Cause::Shutdown(1001), String::new(), None);
         v.record_error(WsError::ConnectionClosed);
         let o = v.take_outcome(Cause::AppPanicked);
         assert_eq!((o.reason, o.error.is_none()), (R::GoingAway, true));
@@ -457,17 +438,17 @@ mod tests {
     #[test]
     fn a_task_that_ended_without_a_cause() {
         let mut v = Verdict::default();
-        let o = v.take_outcome(fallback_cause(true, false));
+        let o = v.take_outcome(fallback_cause(Some(1001), false));
         assert_eq!(
             (o.reason, o.initiator),
             (R::GoingAway, Local),
             "cancelled by shutdown"
         );
         let mut v = Verdict::default();
-        let o = v.take_outcome(fallback_cause(false, true));
+        let o = v.take_outcome(fallback_cause(None, true));
         assert_eq!((o.reason, o.initiator), (R::Internal, Local), "our panic");
         let mut v = Verdict::default();
-        let o = v.take_outcome(fallback_cause(false, false));
+        let o = v.take_outcome(fallback_cause(None, false));
         assert_eq!(
             (o.reason, o.initiator),
             (R::GoingAway, Local),
@@ -486,7 +467,7 @@ mod tests {
             Some((1011, "application panicked".into()))
         );
         assert_eq!(
-            code(Cause::Shutdown),
+            code(Cause::Shutdown(1001)),
             Some((1001, "server shutting down".into()))
         );
         assert_eq!(
