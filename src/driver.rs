@@ -159,10 +159,10 @@ struct ToApp {
 
 /// Commands from the application's `Sender`s (the outbox in [`Shared`]).
 struct FromApp {
-    /// The application dropped its `Connection`, and we saw it.
-    gone: bool,
-    /// The outbox was closed to new sends on leaving [`Phase::Open`].
-    refused: bool,
+    /// The outbox takes no new sends: closed when we saw that the
+    /// application dropped its `Connection` (while open, that is what it
+    /// means), or on leaving [`Phase::Open`].
+    closed: bool,
 }
 
 /// What the write side owes the socket.
@@ -246,10 +246,7 @@ where
                 waker: read_waker,
                 armed: false,
             },
-            from_app: FromApp {
-                gone: false,
-                refused: false,
-            },
+            from_app: FromApp { closed: false },
             last_close: probe.last_close,
             take_pong: probe.take_pong,
             parked: probe.parked,
@@ -442,13 +439,13 @@ where
         if self.phase != Phase::Open {
             return false;
         }
-        if !self.from_app.gone && self.shared.app_gone.load(Acquire) {
+        if !self.from_app.closed && self.shared.app_gone.load(Acquire) {
             // Write what was queued, but take nothing new: other `Sender`s
             // must not keep a dropped connection open.
-            self.from_app.gone = true;
+            self.from_app.closed = true;
             self.shared.close_outbox();
         }
-        if !self.from_app.gone || !self.shared.outbox_is_empty() {
+        if !self.from_app.closed || !self.shared.outbox_is_empty() {
             return false;
         }
         let until = now + self.state.config().close_timeout();
@@ -807,9 +804,9 @@ where
     /// Once the connection leaves [`Phase::Open`], senders get `is_closed`
     /// errors instead of a silent drop.
     fn refuse_sends_once_closing(&mut self) {
-        if self.phase != Phase::Open && !self.from_app.refused {
+        if self.phase != Phase::Open && !self.from_app.closed {
             self.shared.close_outbox();
-            self.from_app.refused = true;
+            self.from_app.closed = true;
         }
     }
 
