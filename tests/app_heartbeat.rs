@@ -10,7 +10,7 @@ use futures::{SinkExt, StreamExt};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use support::*;
 use tokio::io::AsyncReadExt;
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep};
 use ws_supervisor::metrics::names;
 use ws_supervisor::tungstenite::Message;
 use ws_supervisor::{AppPong, CloseCode, CloseReason, ConfigBuilder, Initiator, Liveness};
@@ -76,40 +76,21 @@ fn pong(t: Option<u64>) -> Vec<u8> {
 
 // ===== detection =====
 
-/// As `tests/heartbeat.rs` does for ping frames: a peer that reads
-/// everything and never answers dies of `Timeout` within
-/// `interval + timeout`, never before; returns when, after the open.
+/// As `tests/heartbeat.rs` does for ping frames (`support::silent_peer_dies`):
+/// a peer that reads everything and never answers dies of `Timeout` within
+/// `interval + timeout`, never before; every probe was a JSON message with a
+/// fresh nonce, and no ping frame went out. Returns when, after the open.
 async fn silent_peer_dies_after(interval: Duration, timeout: Duration) -> Duration {
-    let (sup, events) = supervisor(app(interval, timeout).build().unwrap());
-    let (conn, peer) = accept_raw(&sup).await;
-    let opened = Instant::now();
-    let drained = tokio::spawn(peer.drain());
-    let bound = interval + timeout;
-
-    let early = timeout_at(opened + bound - MS, conn.closed()).await;
-    assert!(early.is_err(), "closed before interval + timeout");
-    let event = conn.closed().await;
-    let died = Instant::now() - opened;
-    assert_eq!(
-        (event.reason, event.initiator),
-        (CloseReason::Timeout, Initiator::Local)
-    );
-    assert_eq!(event.code_sent, Some(CloseCode::Error));
+    let (died, event, frames) = silent_peer_dies(app(interval, timeout).build().unwrap()).await;
     assert_eq!(event.text, "ping timeout");
     assert!(event.stats.pings_sent >= 1);
-    assert_eq!(event.stats.pongs_received, 0);
-    assert!(event.stats.since_last_inbound >= bound);
-    let frames = drained.await.unwrap();
-    let (close, probes) = frames.split_last().expect("frames");
-    assert_eq!(close.close_code(), Some(1011), "a Close 1011 went out");
-    // Every probe was a JSON message with a fresh nonce; no ping frame.
+    let (_close, probes) = frames.split_last().expect("frames");
     let nonces: Vec<u64> = probes.iter().map(nonce_of).collect();
     assert_eq!(nonces.len() as u64, event.stats.pings_sent);
     let mut unique = nonces.clone();
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), nonces.len(), "{nonces:?}");
-    assert_eq!(events.len(), 1);
     died
 }
 
@@ -252,6 +233,23 @@ async fn answers_without_a_nonce_answer_the_oldest_probe() {
     assert_eq!(conn.stats().pongs_unmatched, 1);
 }
 
+/// The counters of a debugging recorder, by name, in one snapshot (taking
+/// one resets them).
+fn counters(recorder: &DebuggingRecorder) -> impl Fn(&str) -> u64 {
+    let snapshot = recorder.snapshotter().snapshot().into_vec();
+    move |name| {
+        snapshot
+            .iter()
+            .find(|(key, ..)| key.key().name() == name)
+            .map_or(0, |(.., value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name}: {other:?}"),
+            })
+    }
+}
+
+/// Delivered heartbeat messages count as messages received; our probes and
+/// replies are never messages sent (`docs/keepalive.md`, "Delivery").
 #[tokio::test(start_paused = true)]
 async fn heartbeat_messages_are_delivered_when_asked() {
     let config = app(SEC, SEC)
@@ -259,7 +257,8 @@ async fn heartbeat_messages_are_delivered_when_asked() {
         .deliver_heartbeats(true)
         .build()
         .unwrap();
-    let (sup, _events) = supervisor(config);
+    let recorder = DebuggingRecorder::new();
+    let (sup, _events) = metrics::with_local_recorder(&recorder, || supervisor(config));
     let (mut conn, mut peer) = accept_raw(&sup).await;
     let t = nonce_of(&peer.read_until(OP_TEXT).await.unwrap());
     peer.send(OP_TEXT, &pong(Some(t))).await;
@@ -280,6 +279,13 @@ async fn heartbeat_messages_are_delivered_when_asked() {
     let stats = conn.stats();
     assert_eq!((stats.pongs_received, stats.pongs_unmatched), (1, 0));
     assert!(stats.last_rtt.is_some());
+    let count = counters(&recorder);
+    assert_eq!(count(names::MESSAGES_RECEIVED), 2, "both were delivered");
+    assert_eq!(
+        count(names::MESSAGES_SENT),
+        0,
+        "a probe and a reply went out"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -459,15 +465,75 @@ async fn a_panicking_recogniser_ends_the_connection_as_internal() {
     let (conn, mut peer) = accept_raw(&sup).await;
     peer.send(OP_TEXT, b"boom").await;
     let close = peer.read_until(OP_CLOSE).await.unwrap();
+    ended_as_app_panicked(close, &conn, &mut peer, &events).await;
+}
+
+/// `close` is our Close 1011: the peer answers it, and the connection ends
+/// as `Internal`, local, "application panicked", hooks run once.
+async fn ended_as_app_panicked(
+    close: Frame,
+    conn: &ws_supervisor::Connection,
+    peer: &mut RawPeer<tokio::io::DuplexStream>,
+    events: &Events,
+) -> ws_supervisor::CloseEvent {
     assert_eq!(close.close_code(), Some(1011));
     peer.send(OP_CLOSE, &close.payload).await;
     let event = conn.closed().await;
     assert_eq!(
-        (event.reason, event.initiator),
-        (CloseReason::Internal, Initiator::Local)
+        (event.reason, event.initiator, event.text.as_str()),
+        (
+            CloseReason::Internal,
+            Initiator::Local,
+            "application panicked"
+        )
     );
-    assert_eq!(event.text, "application panicked");
     assert_eq!(events.len(), 1);
+    event
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reply_to_the_peers_ping_ends_the_connection_as_internal() {
+    quiet_expected_panics();
+    let config = heartbeat(SEC, SEC)
+        .answer_app_pings(|m| {
+            if m.to_text().is_ok_and(|t| t == "boom") {
+                panic!("{EXPECTED_PANIC} reply");
+            }
+            None
+        })
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (conn, mut peer) = accept_raw(&sup).await;
+    peer.send(OP_TEXT, b"boom").await;
+    let close = peer.read_until(OP_CLOSE).await.unwrap();
+    ended_as_app_panicked(close, &conn, &mut peer, &events).await;
+}
+
+/// A reply above the write-buffer limit is not sent; the connection goes on.
+#[tokio::test(start_paused = true)]
+async fn a_reply_that_cannot_be_sent_is_not_sent() {
+    let config = heartbeat(SEC, SEC)
+        .write_buffer_limit(1024)
+        .answer_app_pings(|m| {
+            (m.to_text().ok()? == "ping?").then(|| Message::binary(vec![0; 2048]))
+        })
+        .build()
+        .unwrap();
+    let (sup, events) = supervisor(config);
+    let (mut conn, mut peer) = accept_raw(&sup).await;
+    peer.send(OP_TEXT, b"ping?").await;
+    peer.send(OP_TEXT, b"data").await;
+    assert_eq!(conn.recv().await.unwrap(), Message::text("data"));
+    assert!(conn.close_event().is_none());
+    drop(conn);
+    events.wait_for(1).await;
+    let frames = peer.drain().await;
+    assert_eq!(
+        frames.iter().map(|f| f.opcode).collect::<Vec<_>>(),
+        [OP_CLOSE],
+        "no reply went out, only our Close"
+    );
 }
 
 /// Probes built by a function that misbehaves once the config is built:
@@ -525,16 +591,8 @@ async fn a_panicking_probe_builder_ends_the_connection_as_internal() {
     let close = peer.read_frame().await.unwrap();
     // At the first probe's time, a Close 1011 instead of the probe.
     assert_eq!(Instant::now() - opened, SEC);
-    assert_eq!(close.close_code(), Some(1011));
-    peer.send(OP_CLOSE, &close.payload).await;
-    let event = conn.closed().await;
-    assert_eq!(
-        (event.reason, event.initiator),
-        (CloseReason::Internal, Initiator::Local)
-    );
-    assert_eq!(event.text, "application panicked");
+    let event = ended_as_app_panicked(close, &conn, &mut peer, &events).await;
     assert_eq!(event.stats.pings_sent, 0);
-    assert_eq!(events.len(), 1);
 }
 
 // ===== real sockets =====

@@ -122,13 +122,7 @@ async fn going_away__peer_close_1012_1013() {
 /// `Internal`/local, the reason of a panic, and the peer got a bare EOF.
 #[test]
 fn going_away__runtime_dropped_without_shutdown() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let rt = runtime();
+    let rt = current_thread();
     let (sup, events) = supervisor(Config::default());
     let (conn, mut peer) = rt.block_on(accept_raw(&sup));
     // The process exits: its runtime drops every task, with no shutdown.
@@ -138,7 +132,7 @@ fn going_away__runtime_dropped_without_shutdown() {
     assert_eq!(event.text, "runtime stopped");
     assert_eq!(event.code_sent, Some(CloseCode::Away));
     // The peer was told, best effort, instead of a bare EOF.
-    let frame = runtime()
+    let frame = current_thread()
         .block_on(peer.read_frame())
         .expect("a Close frame");
     assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1001)));

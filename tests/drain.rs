@@ -25,7 +25,7 @@ use ws_supervisor::{CloseCode, CloseReason, ConfigBuilder, Connection, Initiator
 
 /// What a peer saw of the shutdown: when the server's Close arrived and its
 /// code, and how many pings and echoes it got before.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Seen {
     at: Option<Instant>,
     code: Option<u16>,
@@ -49,12 +49,7 @@ async fn open(net: &Net, sup: &Supervisor, n: usize) -> (Vec<Connection>, Vec<Jo
 /// (tungstenite answers it).
 fn ws_peer(mut peer: tokio_tungstenite::WebSocketStream<BoxIo>) -> JoinHandle<Seen> {
     tokio::spawn(async move {
-        let mut seen = Seen {
-            at: None,
-            code: None,
-            pings: 0,
-            echoes: 0,
-        };
+        let mut seen = Seen::default();
         while let Some(Ok(message)) = peer.next().await {
             match message {
                 Message::Close(frame) if seen.at.is_none() => {
@@ -73,12 +68,7 @@ fn ws_peer(mut peer: tokio_tungstenite::WebSocketStream<BoxIo>) -> JoinHandle<Se
 /// echoes, and answers the server's Close.
 fn chatty_peer(mut peer: RawPeer<BoxIo>) -> JoinHandle<Seen> {
     tokio::spawn(async move {
-        let mut seen = Seen {
-            at: None,
-            code: None,
-            pings: 0,
-            echoes: 0,
-        };
+        let mut seen = Seen::default();
         while let Some(frame) = peer.read_frame().await {
             match frame.opcode {
                 OP_PING => {
@@ -289,6 +279,50 @@ async fn a_connection_works_normally_until_its_turn() {
     assert_gauges_at_zero("drain-works");
 }
 
+/// A dead peer is still caught while it waits for its turn: 20 silent
+/// peers in a drain of an hour all end as `Timeout` within the detection
+/// bound, not at their planned close. (The plan spaces consecutive ids by
+/// the golden ratio, so at most one of 20 can fall in the first 2 s of the
+/// hour: that one may be closed by the drain first.)
+#[tokio::test(start_paused = true)]
+async fn a_dead_peer_waiting_for_its_turn_is_still_caught() {
+    let config = heartbeat(SEC, SEC)
+        .drain_window(3600 * SEC)
+        .drain_close_code(1012)
+        .build()
+        .unwrap();
+    let (sup, _events) = supervisor(config);
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let (conn, peer) = accept_raw(&sup).await;
+        // Reads everything, answers nothing.
+        tokio::spawn(peer.drain());
+        conns.push(conn);
+    }
+    let t0 = Instant::now();
+    let shutdown = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.shutdown(SEC).await }
+    });
+    let mut caught = 0;
+    for conn in &conns {
+        let event = tokio::time::timeout(60 * SEC, conn.closed())
+            .await
+            .expect("ended long before its turn in an hour");
+        if event.reason == CloseReason::Timeout {
+            caught += 1;
+            assert!(Instant::now() - t0 <= 2 * SEC + 10 * MS);
+            assert_eq!(event.code_sent, Some(CloseCode::Error));
+        }
+    }
+    assert!(caught >= 19, "{caught} of 20 caught as dead");
+    let summary = tokio::time::timeout(60 * SEC, shutdown)
+        .await
+        .expect("the shutdown ends with its last connection")
+        .unwrap();
+    assert_eq!(summary.total(), 20);
+}
+
 /// Peers that never answer the Close: each batch has its own
 /// `close_timeout`, and `grace` counts after the window. Both cut them
 /// short and count them as forced.
@@ -377,13 +411,7 @@ async fn a_connection_already_closing_is_left_alone() {
 /// best effort, with the drain's code, not 1001.
 #[test]
 fn a_runtime_dropped_mid_drain_still_sends_the_drain_code() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let rt = runtime();
+    let rt = current_thread();
     let config = drained(3600 * SEC, 1012).build().unwrap();
     let (sup, events) = recorder::supervisor(config, "drain-dropped");
     let (conn, mut peer) = rt.block_on(accept_raw(&sup));
@@ -403,7 +431,7 @@ fn a_runtime_dropped_mid_drain_still_sends_the_drain_code() {
         (CloseReason::GoingAway, Initiator::Local)
     );
     assert_eq!(event.code_sent, Some(CloseCode::Restart));
-    let frame = runtime()
+    let frame = current_thread()
         .block_on(peer.read_frame())
         .expect("a Close frame");
     assert_eq!((frame.opcode, frame.close_code()), (OP_CLOSE, Some(1012)));

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep};
 use ws_supervisor::{CloseCode, CloseReason, Initiator, Liveness};
 
 /// A peer that answers each ping after `delay`, counting the pings, and
@@ -57,35 +57,12 @@ async fn cadence_100_intervals_with_rtt() {
     assert!(event.duration >= Instant::now() - opened - SEC);
 }
 
-/// Opens a connection to a peer that reads everything and never answers,
-/// and returns how long after the open it died, checking the reason.
+/// How long after the open a peer that never answers died (see
+/// `support::silent_peer_dies`).
 async fn silent_peer_dies_after(interval: Duration, timeout: Duration) -> Duration {
-    let (sup, events) = supervisor(heartbeat(interval, timeout).build().unwrap());
-    let (conn, peer) = accept_raw(&sup).await;
-    let opened = Instant::now();
-    let drained = tokio::spawn(peer.drain());
-    let bound = interval + timeout;
-
-    // Never at the bare interval, nor a moment before the documented bound.
-    let early = timeout_at(opened + bound - MS, conn.closed()).await;
-    assert!(early.is_err(), "closed before interval + timeout");
-    let event = conn.closed().await;
-    let died = Instant::now() - opened;
-    assert_eq!(
-        (event.reason, event.initiator),
-        (CloseReason::Timeout, Initiator::Local)
-    );
-    assert_eq!(event.code_sent, Some(CloseCode::Error));
-    assert_eq!(event.stats.pongs_received, 0);
-    assert!(event.stats.since_last_inbound >= bound);
-    let frames = drained.await.unwrap();
-    assert_eq!(
-        frames.last().and_then(Frame::close_code),
-        Some(1011),
-        "a Close 1011 went out"
-    );
-    assert_eq!(events.len(), 1);
-    died
+    silent_peer_dies(heartbeat(interval, timeout).build().unwrap())
+        .await
+        .0
 }
 
 #[tokio::test(start_paused = true)]

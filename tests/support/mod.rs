@@ -170,7 +170,54 @@ pub async fn non_reader(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     tcp
 }
 
+/// A connection under `config` (no jitter) whose peer reads everything and
+/// never answers: checks that it dies of `Timeout` (local, Close 1011 sent,
+/// no pong) within `ping_interval + pong_timeout` and not a millisecond
+/// before; returns when it died (after the open), its event, and every
+/// frame the peer got. Under paused time.
+pub async fn silent_peer_dies(config: Config) -> (Duration, CloseEvent, Vec<Frame>) {
+    use tokio::time::{Instant, timeout_at};
+    assert!(config.ping_jitter().is_zero(), "an exact schedule");
+    let bound = config.ping_interval() + config.pong_timeout();
+    let (sup, events) = supervisor(config);
+    let (conn, peer) = accept_raw(&sup).await;
+    let opened = Instant::now();
+    let drained = tokio::spawn(peer.drain());
+
+    // Never at the bare interval, nor a moment before the documented bound.
+    let early = timeout_at(opened + bound - MS, conn.closed()).await;
+    assert!(early.is_err(), "closed before interval + timeout");
+    let event = conn.closed().await;
+    let died = Instant::now() - opened;
+    assert_eq!(
+        (event.reason, event.initiator),
+        (
+            ws_supervisor::CloseReason::Timeout,
+            ws_supervisor::Initiator::Local
+        )
+    );
+    assert_eq!(event.code_sent, Some(ws_supervisor::CloseCode::Error));
+    assert_eq!(event.stats.pongs_received, 0);
+    assert!(event.stats.since_last_inbound >= bound);
+    let frames = drained.await.unwrap();
+    assert_eq!(
+        frames.last().and_then(Frame::close_code),
+        Some(1011),
+        "a Close 1011 went out"
+    );
+    assert_eq!(events.len(), 1);
+    (died, event, frames)
+}
+
 // ===== runtimes =====
+
+/// A current-thread runtime with real time, for tests that drop one.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
 
 /// A multi-thread runtime with 2 workers and real time (paused time exists
 /// only on the current-thread runtime).
