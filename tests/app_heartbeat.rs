@@ -461,6 +461,12 @@ async fn a_panicking_recogniser_ends_the_connection_as_internal() {
         })
         .build()
         .unwrap();
+    boom_ends_as_app_panicked(config).await;
+}
+
+/// Under `config`, whose user function panics on the message `boom`: the
+/// peer sends it, and the connection ends as `Internal`.
+async fn boom_ends_as_app_panicked(config: ws_supervisor::Config) {
     let (sup, events) = supervisor(config);
     let (conn, mut peer) = accept_raw(&sup).await;
     peer.send(OP_TEXT, b"boom").await;
@@ -503,11 +509,7 @@ async fn a_panicking_reply_to_the_peers_ping_ends_the_connection_as_internal() {
         })
         .build()
         .unwrap();
-    let (sup, events) = supervisor(config);
-    let (conn, mut peer) = accept_raw(&sup).await;
-    peer.send(OP_TEXT, b"boom").await;
-    let close = peer.read_until(OP_CLOSE).await.unwrap();
-    ended_as_app_panicked(close, &conn, &mut peer, &events).await;
+    boom_ends_as_app_panicked(config).await;
 }
 
 /// A reply above the write-buffer limit is not sent; the connection goes on.
