@@ -74,6 +74,10 @@ pub(crate) struct Shared {
     handler_offered: AtomicBool,
     /// What the application's senders queued for the driver, oldest first.
     outbox: Mutex<Outbox>,
+    /// The outbox holds a command: written under its lock, read without it
+    /// by the driver, which looks every turn (a send that sets it wakes
+    /// the driver after).
+    queued: AtomicBool,
     /// `outbound_queue`: senders wait while the outbox holds this many.
     outbound_limit: usize,
 }
@@ -170,6 +174,7 @@ impl Shared {
             app: AtomicWaker::new(),
             handler_offered: AtomicBool::new(false),
             outbox: Mutex::new(Outbox::default()),
+            queued: AtomicBool::new(false),
             outbound_limit,
         }
     }
@@ -296,6 +301,7 @@ impl Shared {
             return Err(Some(command));
         }
         outbox.commands.push_back(command);
+        self.queued.store(true, Release);
         drop(outbox);
         self.reader.wake();
         Ok(())
@@ -326,12 +332,13 @@ impl Shared {
             return Err(Error::closed());
         }
         outbox.commands.push_back(command);
+        self.queued.store(true, Release);
         Ok(())
     }
 
-    /// Whether the outbox holds nothing.
+    /// Whether the outbox holds nothing (without its lock).
     pub(crate) fn outbox_is_empty(&self) -> bool {
-        lock(&self.outbox).commands.is_empty()
+        !self.queued.load(Acquire)
     }
 
     /// The oldest queued command, if any; frees room for a waiting sender.
@@ -341,6 +348,7 @@ impl Shared {
         // handler's replies may take it above).
         let was_full = outbox.commands.len() == self.outbound_limit;
         let command = outbox.commands.pop_front();
+        self.queued.store(!outbox.commands.is_empty(), Release);
         drained(&mut outbox.commands);
         drop(outbox);
         if was_full && command.is_some() {

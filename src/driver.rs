@@ -27,7 +27,7 @@ use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
-use crate::transport::{RawClose, ReadLayer};
+use crate::transport::{RawClose, ReadLayer, Taken};
 use crate::verdict::{close_frame, fallback_cause};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
@@ -51,11 +51,15 @@ pub(crate) struct Probe<S> {
     pub(crate) last_close: fn(&S) -> Option<RawClose>,
     /// A pong the stream took out before tungstenite saw it, if any.
     pub(crate) take_pong: fn(&mut S) -> Option<[u8; 8]>,
+    /// Reads the next data message past tungstenite where the stream can
+    /// (see [`ReadLayer::poll_take`]).
+    pub(crate) take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
     /// After a message: whether the stream is drained and registered for
     /// its next bytes (then reading again would only find nothing).
     pub(crate) parked: fn(&mut S, &mut Context<'_>) -> bool,
-    /// Tells the stream that this driver takes pongs and asks `parked`.
-    pub(crate) drive: fn(&mut S),
+    /// Tells the stream that this driver takes pongs and data messages of
+    /// at most the given length, and asks `parked`.
+    pub(crate) drive: fn(&mut S, usize),
 }
 
 impl<S> Probe<S> {
@@ -65,8 +69,9 @@ impl<S> Probe<S> {
             written: |_| None,
             last_close: |_| None,
             take_pong: |_| None,
+            take: |_, _| Poll::Ready(Taken::Pass),
             parked: |_, _| false,
-            drive: |_| {},
+            drive: |_, _| {},
         }
     }
 }
@@ -78,6 +83,7 @@ impl<T: AsyncRead + Unpin + 'static> Probe<ReadLayer<T>> {
             written: ReadLayer::bytes_written,
             last_close: ReadLayer::last_close,
             take_pong: ReadLayer::take_pong,
+            take: ReadLayer::poll_take,
             parked: ReadLayer::parked,
             drive: ReadLayer::drive,
         }
@@ -110,6 +116,8 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     last_close: fn(&S) -> Option<RawClose>,
     /// A pong the stream read past tungstenite, where it does that.
     take_pong: fn(&mut S) -> Option<[u8; 8]>,
+    /// The stream's own read of data messages, where it does that.
+    take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
     /// Whether the stream is drained and registered after a message.
     parked: fn(&mut S, &mut Context<'_>) -> bool,
     guard: CloseGuard,
@@ -214,7 +222,14 @@ where
         slot: Slot,
         probe: Probe<S>,
     ) -> Self {
-        (probe.drive)(ws.get_mut());
+        // The stream takes no message tungstenite would refuse as too long.
+        let limits = ws.get_config();
+        let max_len = [limits.max_frame_size, limits.max_message_size]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(usize::MAX);
+        (probe.drive)(ws.get_mut(), max_len);
         let config = state.config();
         let unit = state.random_unit(id, Purpose::PingPhase);
         let hb = Heartbeat::new(
@@ -249,6 +264,7 @@ where
             from_app: FromApp { closed: false },
             last_close: probe.last_close,
             take_pong: probe.take_pong,
+            take: probe.take,
             parked: probe.parked,
             write: WriteSide {
                 dirty: false,
@@ -511,7 +527,13 @@ where
             return false;
         }
         let mut cx = Context::from_waker(&self.to_app.waker);
-        let read = Pin::new(&mut self.ws).poll_next(&mut cx);
+        // The stream's own read first: a data message comes without a pass
+        // through tungstenite; anything else is tungstenite's to read.
+        let read = match (self.take)(self.ws.get_mut(), &mut cx) {
+            Poll::Ready(Taken::Message(message)) => Poll::Ready(Some(Ok(message))),
+            Poll::Ready(Taken::Pass) => Pin::new(&mut self.ws).poll_next(&mut cx),
+            Poll::Pending => Poll::Pending,
+        };
         // After a message, the stream may know that nothing is left.
         let parked =
             matches!(read, Poll::Ready(Some(Ok(_)))) && (self.parked)(self.ws.get_mut(), &mut cx);

@@ -183,6 +183,7 @@ mod signal;
 mod state;
 mod stats;
 mod supervisor;
+mod taken;
 #[cfg(feature = "rustls")]
 mod tls;
 mod trace;

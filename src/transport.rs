@@ -6,8 +6,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::Config;
+use crate::taken::{Head, Taking};
 
 /// Largest accepted `read_buffer_size`: the stack buffer of one read.
 pub(crate) const CHUNK: usize = 64 * 1024;
@@ -34,6 +36,15 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// every message unless the socket gave that message whole with nothing
 /// behind it, so an idle connection holds no read buffer here.
 ///
+/// On the streams the supervisor builds, its driver also reads the peer's
+/// plain data messages (a final text or binary frame within the size
+/// limits) through this layer without tungstenite, into the message's
+/// own memory (a large payload straight from the socket). Every other
+/// frame, and
+/// every frame on a stream given to
+/// [`Supervisor::supervise`](crate::Supervisor::supervise), goes through
+/// tungstenite.
+///
 /// Use it together with [`Config::websocket_config`]: the example there
 /// builds a stream exactly as the supervisor does.
 #[derive(Debug)]
@@ -56,16 +67,28 @@ pub struct ReadLayer<S> {
     /// taken out of the stream before tungstenite saw it, for the driver
     /// (see [`take_pong`](Self::take_pong)).
     pong: Option<[u8; 8]>,
+    /// A data message just taken by [`poll_take`](Self::poll_take).
+    taken: Option<Message>,
+    /// The end of the stream or an error the driver's read met, for
+    /// tungstenite's next read.
+    stashed: Option<Stashed>,
+    /// A data frame being taken, while its payload arrives.
+    taking: Option<Box<Taking>>,
+    /// Longest payload this layer takes (tungstenite's frame and message
+    /// limits); longer frames go to tungstenite, which refuses them.
+    max_len: usize,
+    /// The next frame goes to tungstenite: it was taken and given back.
+    give_back: bool,
     /// Whether the peer's frames are masked (we are the server).
     peer_masks: bool,
-    /// A driver that asks for them takes the pongs and the `parked` answers
-    /// (see [`drive`](Self::drive)); on a stream given to `supervise`,
-    /// nobody does, and every frame goes to tungstenite.
+    /// A driver that asks for them takes the pongs, the data messages and
+    /// the `parked` answers (see [`drive`](Self::drive)); on a stream given
+    /// to `supervise`, nobody does, and every frame goes to tungstenite.
     driven: bool,
-    /// The last read handed tungstenite exactly one whole frame, from a
-    /// short socket read, keeping nothing back: once tungstenite returns its
-    /// message, every byte the socket gave is consumed (see
-    /// [`parked`](Self::parked)).
+    /// The last read handed tungstenite exactly one whole frame, or
+    /// completed a frame taken for the driver, from a short socket read,
+    /// keeping nothing back: once the driver has its message, every byte
+    /// the socket gave is consumed (see [`parked`](Self::parked)).
     whole: bool,
 }
 
@@ -94,6 +117,11 @@ impl<S> ReadLayer<S> {
             written: 0,
             sniffer: CloseSniffer::frames(),
             pong: None,
+            taken: None,
+            stashed: None,
+            taking: None,
+            max_len: 0,
+            give_back: false,
             peer_masks: true,
             driven: false,
             whole: false,
@@ -116,13 +144,16 @@ impl<S> ReadLayer<S> {
         self.sniffer.last.clone()
     }
 
-    /// The driver will take pongs ([`take_pong`](Self::take_pong)) and ask
-    /// [`parked`](Self::parked): from here on this layer takes pongs out of
+    /// The driver will take pongs ([`take_pong`](Self::take_pong)) and
+    /// data messages of at most `max_len` bytes (none if 0)
+    /// ([`poll_take`](Self::poll_take)) and ask
+    /// [`parked`](Self::parked): from here on this layer takes them out of
     /// the stream.
-    pub(crate) fn drive(&mut self) {
+    pub(crate) fn drive(&mut self, max_len: usize) {
         // A client's sniffer that has not seen the end of the HTTP head by
         // now has lost the frame boundaries: take nothing, trust nothing.
         self.driven = self.sniffer.in_frames();
+        self.max_len = max_len;
     }
 
     /// Whether the socket is now registered for its next bytes and every
@@ -261,6 +292,13 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
 /// that finds nothing else behind it registers for the next bytes at once.
 /// Every other frame, including any pong that breaks a rule, passes through
 /// untouched, so tungstenite judges it as before.
+///
+/// Under a supervisor's driver, each read hands tungstenite at most one
+/// frame (pongs taken aside), and a client's read that ends the server's
+/// HTTP response head stops there: tungstenite then never holds a whole
+/// frame it has not returned, so the driver's own reads of data frames
+/// between tungstenite's cannot take a frame ahead of one tungstenite
+/// still holds.
 impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -290,7 +328,11 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         let short = ready!(self.as_mut().read_to(cx, out))?;
         let read = out.filled().len() - before;
         let from_boundary = self.sniffer.at_boundary();
-        let (kept, frames) = self.pass(&mut out.filled_mut()[before..]);
+        let (kept, frames, stop) = self.pass(&mut out.filled_mut()[before..]);
+        if stop < read {
+            let rest = out.filled()[before + stop..].to_vec();
+            self.unread(&rest);
+        }
         out.set_filled(before + kept);
         // Never after the peer's Close: tungstenite then ends the stream on
         // its next read without a byte from the socket.
@@ -302,16 +344,258 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
             && self.sniffer.last.is_none();
         Poll::Ready(Ok(read > 0 && kept == 0))
     }
+
+    /// For the driver, before it asks tungstenite: takes the next data
+    /// message straight from the stream, if the next frame is one that
+    /// qualifies ([`Head::parse`]: final, text or binary, no reserved bits,
+    /// masked as required, within the size limits) and no fragmented
+    /// message is open; takes whole 8-byte pongs on the way (see
+    /// [`take_pong`](Self::take_pong)).
+    ///
+    /// The payload is read straight into the message's own memory (a large
+    /// one with no copy through tungstenite's 256-byte reads), unmasked,
+    /// and checked as UTF-8 if it is text. `Pending` once the socket has
+    /// nothing more (registered for its next bytes); [`Taken::Pass`] when
+    /// the next frame is tungstenite's, or the stream's end or an error is:
+    /// those are kept for tungstenite's next read, so it judges them as
+    /// before. Text that is not UTF-8, or a frame cut off by the end of the
+    /// stream, is given back to tungstenite byte for byte.
+    pub(crate) fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Taken> {
+        self.whole = false;
+        if !self.takes_frames() {
+            return Poll::Ready(Taken::Pass);
+        }
+        // Each turn that goes on took everything it read (pongs: once, as
+        // the slot is then full), and the next read of a socket that gave
+        // fewer bytes than asked is `Pending` without a system call.
+        for _ in 0..3 {
+            if self.taking.is_none() {
+                let short = if self.pos < self.end {
+                    // What an earlier read kept, first.
+                    let spill = std::mem::take(&mut self.spill);
+                    let (pos, end) = (self.pos as usize, self.end as usize);
+                    let used = self.take_from(&spill[pos..end]);
+                    self.spill = spill;
+                    self.pos += used as u32;
+                    if self.pos == self.end {
+                        self.forget_spill();
+                    }
+                    false
+                } else if self.stashed.is_some() {
+                    return Poll::Ready(Taken::Pass);
+                } else if self.chunk <= SMALL_CHUNK {
+                    ready!(self.take_small(cx))
+                } else {
+                    ready!(self.take_large(cx))
+                };
+                if let Some(message) = self.taken.take() {
+                    self.whole = short && self.pos == self.end;
+                    return Poll::Ready(Taken::Message(message));
+                }
+            }
+            if self.taking.is_some() {
+                return match ready!(self.poll_taking(cx)) {
+                    Some(message) => Poll::Ready(Taken::Message(message)),
+                    None => Poll::Ready(Taken::Pass),
+                };
+            }
+            if self.pos < self.end {
+                // A frame that is not ours is next.
+                return Poll::Ready(Taken::Pass);
+            }
+        }
+        Poll::Ready(Taken::Pass)
+    }
+
+    // Separate frames, so the common path does not reserve 64 KiB of stack.
+    #[inline(never)]
+    fn take_small(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); SMALL_CHUNK];
+        self.take_via(cx, &mut stack)
+    }
+
+    #[inline(never)]
+    fn take_large(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
+        self.take_via(cx, &mut stack)
+    }
+
+    /// One read of the socket into `stack`, taking what may be taken and
+    /// keeping the rest; `true` if the socket gave fewer bytes than asked.
+    /// The end of the stream or an error is kept for tungstenite.
+    fn take_via(&mut self, cx: &mut Context<'_>, stack: &mut [MaybeUninit<u8>]) -> Poll<bool> {
+        let mut buf = ReadBuf::uninit(&mut stack[..self.chunk]);
+        match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+            Ok(()) if buf.filled().is_empty() => self.stashed = Some(Stashed::End),
+            Ok(()) => {
+                let filled = buf.filled();
+                let used = self.take_from(filled);
+                if used < filled.len() {
+                    self.keep(filled[used..].to_vec());
+                }
+                return Poll::Ready(filled.len() < self.chunk);
+            }
+            Err(e) => self.stashed = Some(Stashed::Error(e)),
+        }
+        Poll::Ready(false)
+    }
+
+    /// Reads the rest of the frame being taken straight into its payload:
+    /// the spill first, then the socket. `Some` once the message is whole;
+    /// `None` if the frame was given back to tungstenite.
+    fn poll_taking(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let taking = self.taking.as_mut().expect("a frame being taken");
+        if self.pos < self.end {
+            let (pos, end) = (self.pos as usize, self.end as usize);
+            let n = taking.left().min(end - pos);
+            taking.payload.extend_from_slice(&self.spill[pos..pos + n]);
+            self.pos += n as u32;
+            if self.pos == self.end {
+                (self.pos, self.end) = (0, 0);
+                self.spill = Vec::new();
+            }
+        }
+        let mut short = false;
+        while taking.left() > 0 {
+            let asked = taking.payload.capacity() - taking.payload.len();
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut taking.payload
+            ));
+            match read {
+                Ok(n) if n > 0 => short = n < asked,
+                // The stream ended or failed within the frame: tungstenite
+                // reads the frame again, then the end or the error, and
+                // says what that means.
+                end => {
+                    self.stashed = Some(match end {
+                        Err(e) => Stashed::Error(e),
+                        Ok(_) => Stashed::End,
+                    });
+                    let frame = self.taking.take().expect("a frame being taken");
+                    self.unread(&frame.give_back());
+                    self.give_back = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        let mut taking = self.taking.take().expect("a frame being taken");
+        let behind = taking.payload.split_off(taking.head.len);
+        self.unread(&behind);
+        match taking.finish() {
+            Ok(message) => {
+                self.whole = short && self.pos == self.end;
+                Poll::Ready(Some(message))
+            }
+            Err(wire) => {
+                self.unread(&wire);
+                self.give_back = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    /// Puts `front` back before the unread bytes of the spill.
+    fn unread(&mut self, front: &[u8]) {
+        if front.is_empty() {
+            return;
+        }
+        let rest = &self.spill[self.pos as usize..self.end as usize];
+        let mut spill = Vec::with_capacity(front.len() + rest.len());
+        spill.extend_from_slice(front);
+        spill.extend_from_slice(rest);
+        self.keep(spill);
+    }
+
+    /// The spill is empty: its memory goes back.
+    fn forget_spill(&mut self) {
+        (self.pos, self.end) = (0, 0);
+        self.spill = Vec::new();
+    }
+}
+
+/// What [`ReadLayer::poll_take`] found.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// A data message, read past tungstenite.
+    Message(Message),
+    /// The next frame (or the end, or an error) is tungstenite's.
+    Pass,
+}
+
+/// The end of the stream or a read error met by the driver's own read,
+/// kept for tungstenite's next read.
+#[derive(Debug)]
+enum Stashed {
+    End,
+    Error(io::Error),
 }
 
 impl<S> ReadLayer<S> {
+    /// Whether the driver may read past tungstenite now: at a frame
+    /// boundary (tungstenite then holds no byte), before the peer's Close,
+    /// outside a fragmented message (its next data frame must be refused by
+    /// tungstenite), and not right after giving a frame back.
+    fn takes_frames(&self) -> bool {
+        self.driven
+            && self.max_len > 0
+            && self.sniffer.at_boundary()
+            && self.sniffer.last.is_none()
+            && !self.sniffer.fragmented
+            && !self.give_back
+    }
+
+    /// Takes from the start of `bytes` (just read, or kept) the pongs and
+    /// the data frame the driver may take, up to the first frame that is
+    /// tungstenite's; a data frame ends it (taken whole, or what of it is
+    /// here starts `taking`). Returns how many bytes it took.
+    fn take_from(&mut self, bytes: &[u8]) -> usize {
+        let mut at = 0;
+        while at < bytes.len() {
+            if self.pong.is_none() {
+                if let Some((len, payload)) = whole_pong(&bytes[at..], self.peer_masks) {
+                    self.pong = Some(payload);
+                    at += len;
+                    continue;
+                }
+            }
+            let Some(head) = Head::parse(&bytes[at..], self.peer_masks, self.max_len) else {
+                break;
+            };
+            let start = at + head.header;
+            let end = start + head.len.min(bytes.len() - start);
+            let taking = Taking::new(head, &bytes[start..end]);
+            if taking.left() > 0 {
+                self.taking = Some(Box::new(taking));
+                return end;
+            }
+            return match taking.finish() {
+                Ok(message) => {
+                    self.taken = Some(message);
+                    end
+                }
+                // Not UTF-8: tungstenite refuses it, from here.
+                Err(_) => {
+                    self.give_back = true;
+                    at
+                }
+            };
+        }
+        at
+    }
+
     /// Follows `bytes`, just read, frame by frame; takes out a pong for the
-    /// driver where one may be taken, and returns how many bytes are left
-    /// (moved to the front) for tungstenite, and in how many frames (or
-    /// parts of frames).
-    fn pass(&mut self, bytes: &mut [u8]) -> (usize, usize) {
+    /// driver where one may be taken. Returns how many bytes are left
+    /// (moved to the front) for tungstenite, in how many frames (or parts
+    /// of frames), and where it stopped: for a driver, after the first
+    /// frame it passed (the bytes from there go back to the spill).
+    fn pass(&mut self, bytes: &mut [u8]) -> (usize, usize, usize) {
         let (mut at, mut kept, mut frames) = (0, 0, 0);
         while at < bytes.len() {
+            if self.driven && frames == 1 && self.sniffer.at_boundary() {
+                break;
+            }
             // Not after the peer's Close: tungstenite must see (and refuse)
             // any frame behind it.
             let takes = self.driven && self.pong.is_none() && self.sniffer.last.is_none();
@@ -322,6 +606,11 @@ impl<S> ReadLayer<S> {
                     continue;
                 }
             }
+            if self.sniffer.at_boundary() {
+                // A frame given back is tungstenite's from here.
+                self.give_back = false;
+            }
+            let in_head = !self.sniffer.in_frames();
             let n = self.sniffer.feed_frame(&bytes[at..]);
             if kept != at {
                 bytes.copy_within(at..at + n, kept);
@@ -329,8 +618,15 @@ impl<S> ReadLayer<S> {
             at += n;
             kept += n;
             frames += 1;
+            if in_head && self.sniffer.in_frames() {
+                // A client's HTTP head: tungstenite's handshake keeps what
+                // it reads behind the head for its first frames, where a
+                // driver's own reads could not see them. So the frames
+                // stay here.
+                break;
+            }
         }
-        (kept, frames)
+        (kept, frames, at)
     }
 }
 
@@ -372,6 +668,11 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                 (this.pos, this.end) = (0, 0);
             }
             return Poll::Ready(Ok(false));
+        }
+        match this.stashed.take() {
+            Some(Stashed::End) => return Poll::Ready(Ok(true)),
+            Some(Stashed::Error(e)) => return Poll::Ready(Err(e)),
+            None => {}
         }
         // A frame that needs more than tungstenite asks for: read it into
         // the spill's memory, kept while the frame lasts.
@@ -454,6 +755,9 @@ pub(crate) struct RawClose {
 struct CloseSniffer {
     state: Sniff,
     last: Option<RawClose>,
+    /// A fragmented data message is open: its first frame was seen, its
+    /// final continuation not yet.
+    fragmented: bool,
 }
 
 #[derive(Debug)]
@@ -488,6 +792,7 @@ impl CloseSniffer {
                 have: 0,
             },
             last: None,
+            fragmented: false,
         }
     }
 
@@ -495,6 +800,7 @@ impl CloseSniffer {
         Self {
             state: Sniff::HttpHead { matched: 0 },
             last: None,
+            fragmented: false,
         }
     }
 
@@ -536,7 +842,9 @@ impl CloseSniffer {
             if let Some(len) = header_len(bytes).filter(|&len| len <= bytes.len()) {
                 buf[..len].copy_from_slice(&bytes[..len]);
                 bytes = &bytes[len..];
+                let first = buf[0];
                 self.state = header_done(buf, len as u8).expect("a whole header");
+                self.follow_fragments(first);
                 if self.finish_if_empty() {
                     return len;
                 }
@@ -567,7 +875,9 @@ impl CloseSniffer {
                     bytes = &bytes[1..];
                     *have += 1;
                     if let Some(next) = header_done(buf, *have) {
+                        let first = buf[0];
                         self.state = next;
+                        self.follow_fragments(first);
                         if self.finish_if_empty() {
                             break;
                         }
@@ -595,6 +905,18 @@ impl CloseSniffer {
             }
         }
         all.len() - bytes.len()
+    }
+
+    /// Follows fragmented messages by the first header byte of each frame:
+    /// a text or binary frame that is not final opens one, a final
+    /// continuation ends it (control frames may come between).
+    fn follow_fragments(&mut self, first: u8) {
+        let fin = first & 0x80 != 0;
+        match first & 0x0f {
+            0x1 | 0x2 => self.fragmented = !fin,
+            0x0 if fin => self.fragmented = false,
+            _ => {}
+        }
     }
 
     /// Ends the current frame if its payload is complete; returns whether
@@ -840,7 +1162,7 @@ mod tests {
         stream.extend(frame(0x8, &close, key));
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
-        t.drive();
+        t.drive(0);
         tx.write_all(&stream).await.unwrap();
         drop(tx);
         let (passed, pongs) = drain(&mut t).await;
@@ -866,7 +1188,7 @@ mod tests {
         bytes.extend(&pong);
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
-        t.drive();
+        t.drive(0);
         tx.write_all(&bytes).await.unwrap();
         drop(tx);
         assert_eq!(drain(&mut t).await, (bytes, vec![]));
@@ -897,7 +1219,7 @@ mod tests {
         for (what, bytes) in cases {
             let (mut tx, rx) = tokio::io::duplex(1 << 16);
             let mut t = ReadLayer::with_chunk(rx, 4096);
-            t.drive();
+            t.drive(0);
             tx.write_all(&bytes).await.unwrap();
             drop(tx);
             let mut passed = vec![0u8; 256];
@@ -925,7 +1247,7 @@ mod tests {
         // Split: the first read ends inside the pong, so it is not taken.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
-        t.drive();
+        t.drive(0);
         let pong = frame(0xA, b"12345678", Some([5, 5, 5, 5]));
         tx.write_all(&pong[..5]).await.unwrap();
         let mut buf = [0u8; 64];
@@ -937,15 +1259,21 @@ mod tests {
         assert!(pongs.is_empty());
         // A client's layer: the server's pongs are unmasked; the driver
         // comes after the head (driven before it, the layer takes nothing).
+        // The frames behind the head, even in the same read, stay with the
+        // layer: tungstenite's handshake would keep them for itself.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::for_client(rx, 4096);
-        t.drive();
+        t.drive(0);
         assert!(!t.driven, "the head is still to come");
         let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
-        tx.write_all(&head).await.unwrap();
+        let hello = frame(0x1, b"hello", None);
+        tx.write_all(&[&head[..], &hello].concat()).await.unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(t.read(&mut buf).await.unwrap(), head.len());
-        t.drive();
+        t.drive(usize::MAX);
+        assert!(
+            matches!(take(&mut t), Poll::Ready(Taken::Message(m)) if m == Message::Text("hello".into()))
+        );
         tx.write_all(&frame(0xA, b"87654321", None)).await.unwrap();
         drop(tx);
         let (passed, pongs) = drain(&mut t).await;
@@ -957,7 +1285,7 @@ mod tests {
     async fn a_read_of_nothing_but_a_pong_is_pending_not_the_end() {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut t = ReadLayer::with_chunk(rx, 4096);
-        t.drive();
+        t.drive(0);
         tx.write_all(&frame(0xA, b"12345678", Some([1, 1, 1, 1])))
             .await
             .unwrap();
@@ -976,7 +1304,7 @@ mod tests {
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (peer, accepted) = tokio::join!(peer, listener.accept());
         let mut layer = ReadLayer::with_chunk(accepted.unwrap().0, 4096);
-        layer.drive();
+        layer.drive(0);
         (layer, peer.unwrap())
     }
 
@@ -1029,11 +1357,13 @@ mod tests {
         let one = frame(0x1, b"hello", key);
         let two = [one.clone(), one.clone()].concat();
         let wakes = Arc::new(Counter::default());
-        // Two frames in one read: tungstenite keeps the second buffered.
+        // Two frames in one read: tungstenite gets the first, this layer
+        // keeps the second.
         let (mut t, mut peer) = tcp_pair().await;
         peer.write_all(&two).await.unwrap();
         let (n, parked) = read_then_park(&mut t, &wakes).await;
-        assert_eq!((n, parked), (two.len(), false));
+        assert_eq!((n, parked), (one.len(), false));
+        assert_eq!(t.end - t.pos, one.len() as u32);
         // Half a frame: more is to come.
         let (mut t, mut peer) = tcp_pair().await;
         peer.write_all(&one[..4]).await.unwrap();
@@ -1049,7 +1379,7 @@ mod tests {
         // A stream that is not a TcpStream is never parked.
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut d = ReadLayer::with_chunk(rx, 4096);
-        d.drive();
+        d.drive(0);
         tx.write_all(&one).await.unwrap();
         let mut buf = [0u8; 256];
         assert_eq!(d.read(&mut buf).await.unwrap(), one.len());
@@ -1084,5 +1414,425 @@ mod tests {
                 text: Vec::new()
             })
         );
+    }
+
+    // ===== data frames taken for the driver =====
+
+    /// What a driver sees of `t`: the bytes passed to tungstenite, with the
+    /// messages and pongs taken, in stream order.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Passed(Vec<u8>),
+        Taken(Message),
+        Pong([u8; 8]),
+    }
+
+    /// One poll of `poll_take`, with a waker that does nothing.
+    fn take(t: &mut ReadLayer<impl AsyncRead + Unpin>) -> Poll<Taken> {
+        t.poll_take(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    /// Reads `t` as the driver does (its own read first, tungstenite's
+    /// 256-byte reads when told to pass, pongs taken after each) until the
+    /// end, merging adjacent passed bytes.
+    fn seen(t: &mut ReadLayer<tokio::io::DuplexStream>) -> Vec<Seen> {
+        use futures::FutureExt;
+        let mut seen = Vec::new();
+        for _ in 0..10_000 {
+            let taken = take(t);
+            seen.extend(t.take_pong().map(Seen::Pong));
+            match taken {
+                Poll::Ready(Taken::Message(m)) => seen.push(Seen::Taken(m)),
+                Poll::Pending => panic!("the writer is gone: no read may wait"),
+                Poll::Ready(Taken::Pass) => {
+                    let mut buf = [0u8; 256];
+                    let n = t.read(&mut buf).now_or_never().expect("ready").unwrap();
+                    seen.extend(t.take_pong().map(Seen::Pong));
+                    if n == 0 {
+                        return seen;
+                    }
+                    match seen.last_mut() {
+                        Some(Seen::Passed(bytes)) => bytes.extend_from_slice(&buf[..n]),
+                        _ => seen.push(Seen::Passed(buf[..n].to_vec())),
+                    }
+                }
+            }
+        }
+        panic!("no end in 10 000 reads");
+    }
+
+    /// A driven layer with `max_len`, fed `parts` and then the end.
+    async fn layer_fed(parts: &[&[u8]], max_len: usize) -> ReadLayer<tokio::io::DuplexStream> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive(max_len);
+        for part in parts {
+            tx.write_all(part).await.unwrap();
+        }
+        t
+    }
+
+    #[tokio::test]
+    async fn data_frames_are_taken_and_everything_keeps_its_order() {
+        let key = Some([3, 1, 4, 1]);
+        let ping = frame(0x9, b"p", key);
+        let all = [
+            frame(0x1, b"hello", key),
+            frame(0xA, b"12345678", key),
+            frame(0x2, &[7; 300], key),
+            ping.clone(),
+            frame(0x1, b"after", key),
+        ]
+        .concat();
+        // In one write and byte by byte: the same, every time.
+        for step in [all.len(), 1, 7] {
+            let parts: Vec<&[u8]> = all.chunks(step).collect();
+            let mut t = layer_fed(&parts, usize::MAX).await;
+            assert_eq!(
+                seen(&mut t),
+                vec![
+                    Seen::Taken(Message::Text("hello".into())),
+                    Seen::Pong(*b"12345678"),
+                    Seen::Taken(Message::Binary(vec![7; 300].into())),
+                    Seen::Passed(ping.clone()),
+                    Seen::Taken(Message::Text("after".into())),
+                ],
+                "step {step}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tungstenite_is_handed_one_frame_at_a_time_by_a_driven_layer() {
+        let key = Some([5, 5, 5, 5]);
+        let (ping, close) = (
+            frame(0x9, b"a", key),
+            frame(0x8, &1000u16.to_be_bytes(), key),
+        );
+        let mut t = layer_fed(&[&[&ping[..], &ping, &close].concat()], usize::MAX).await;
+        let mut buf = [0u8; 256];
+        for expected in [&ping, &ping, &close] {
+            assert!(matches!(take(&mut t), Poll::Ready(Taken::Pass)));
+            let n = t.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], &expected[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_in_parts_is_read_into_its_message_and_what_follows_is_kept() {
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 13) as u8).collect();
+        let mut data = frame(0x2, &payload, Some([5, 6, 7, 8]));
+        let next = frame(0x9, b"next", Some([1, 2, 3, 4]));
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive(usize::MAX);
+        // Odd-sized parts: every read within the frame waits for more.
+        for part in data.chunks(3001) {
+            assert!(take(&mut t).is_pending(), "not before it is whole");
+            tx.write_all(part).await.unwrap();
+        }
+        assert!(
+            matches!(take(&mut t), Poll::Ready(Taken::Message(m)) if m == Message::Binary(payload.clone().into()))
+        );
+        // The frame's last bytes and the next frame in one write: the last
+        // read asks past the frame, and its overshoot is kept.
+        data.extend(&next);
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive(usize::MAX);
+        tx.write_all(&data[..10_000]).await.unwrap();
+        assert!(take(&mut t).is_pending());
+        tx.write_all(&data[10_000..]).await.unwrap();
+        drop(tx);
+        assert_eq!(
+            seen(&mut t),
+            vec![
+                Seen::Taken(Message::Binary(payload.into())),
+                Seen::Passed(next)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_that_may_not_be_taken_pass_to_tungstenite_byte_for_byte() {
+        let key = Some([9, 9, 1, 1]);
+        let not_utf8 = frame(0x1, b"ok \xff\xfe", key);
+        let long_not_utf8 = frame(0x1, &[b"x".repeat(5000), b"\xc3".to_vec()].concat(), key);
+        let over = frame(0x2, &[0; 11], key);
+        let unmasked = frame(0x2, b"abc", None);
+        let mut fragment = frame(0x1, b"ab", key);
+        fragment[0] &= 0x7f;
+        let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+            ("text that is not UTF-8", not_utf8.clone(), 100),
+            ("a large text that is not UTF-8", long_not_utf8, 10_000),
+            ("longer than the limit", over, 10),
+            ("unmasked from a client", unmasked, 100),
+            ("not final", fragment, 100),
+            ("any frame, when the limit is 0", frame(0x2, b"abc", key), 0),
+        ];
+        for (what, bytes, max_len) in cases {
+            let mut t = layer_fed(&[&bytes], max_len).await;
+            assert_eq!(seen(&mut t), vec![Seen::Passed(bytes)], "{what}");
+        }
+        // The next frame is taken again.
+        let good = frame(0x1, b"fine", key);
+        let mut t = layer_fed(&[&not_utf8, &good], 100).await;
+        assert_eq!(
+            seen(&mut t),
+            vec![
+                Seen::Passed(not_utf8),
+                Seen::Taken(Message::Text("fine".into()))
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn within_a_fragmented_message_after_the_close_or_undriven_every_frame_passes() {
+        let key = Some([2, 7, 1, 8]);
+        let mut first = frame(0x1, b"ab", key);
+        first[0] &= 0x7f;
+        let middle = frame(0x2, b"x", key);
+        let mut last = frame(0x0, b"cd", key);
+        last[0] |= 0x80;
+        let stream = [&first[..], &middle, &last, &middle].concat();
+        let mut t = layer_fed(&[&stream], usize::MAX).await;
+        assert_eq!(
+            seen(&mut t),
+            vec![
+                Seen::Passed([&first[..], &middle, &last].concat()),
+                Seen::Taken(Message::Binary(b"x"[..].into())),
+            ],
+            "a data frame inside a fragmented message is tungstenite's to refuse"
+        );
+        // Behind the peer's Close, tungstenite must see (and refuse) it all.
+        let close = frame(0x8, &1000u16.to_be_bytes(), key);
+        let mut t = layer_fed(&[&close, &middle], usize::MAX).await;
+        assert_eq!(
+            seen(&mut t),
+            vec![Seen::Passed([close, middle.clone()].concat())]
+        );
+        // Undriven (a stream given to `supervise`): nothing is taken.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        tx.write_all(&middle).await.unwrap();
+        drop(tx);
+        assert_eq!(seen(&mut t), vec![Seen::Passed(middle)]);
+    }
+
+    #[tokio::test]
+    async fn the_end_or_an_error_met_by_the_drivers_read_is_kept_for_tungstenite() {
+        // Cut off within a frame: tungstenite gets its bytes, then the end.
+        let bytes = frame(0x2, &[1; 9000], Some([1, 2, 3, 4]));
+        let cut = &bytes[..5000];
+        let mut t = layer_fed(&[cut], usize::MAX).await;
+        assert_eq!(seen(&mut t), vec![Seen::Passed(cut.to_vec())]);
+        // An error at a boundary: tungstenite's next read returns it.
+        let mut t = ReadLayer::with_chunk(Failing, 4096);
+        t.drive(usize::MAX);
+        assert!(matches!(take(&mut t), Poll::Ready(Taken::Pass)));
+        let mut buf = [0u8; 16];
+        let err = t.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// A stream whose every read fails with a reset.
+    struct Failing;
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_taken_frame_from_a_short_socket_read_parks_the_socket() {
+        let (mut t, mut peer) = tcp_pair().await;
+        t.drive(usize::MAX);
+        let wakes = Arc::new(Counter::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let text = frame(0x1, &[b'z'; 128], Some([1, 2, 3, 4]));
+        peer.write_all(&text).await.unwrap();
+        // Bounded: the bytes cross loopback in well under a second.
+        let mut message = None;
+        for _ in 0..1000 {
+            if let Poll::Ready(taken) = t.poll_take(&mut cx) {
+                message = Some(taken);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let wakes_before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            matches!(message, Some(Taken::Message(m)) if m == Message::Text("z".repeat(128).into()))
+        );
+        assert!(t.parked(&mut cx), "registered at once");
+        peer.write_all(b"x").await.unwrap();
+        for _ in 0..1000 {
+            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > wakes_before {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+            wakes_before + 1
+        );
+    }
+
+    // ===== against tungstenite alone =====
+
+    mod same_as_tungstenite {
+        use super::super::*;
+        use super::frame;
+        use futures::{FutureExt, StreamExt};
+        use proptest::prelude::*;
+        use tokio::io::{AsyncWriteExt, DuplexStream};
+        use tokio_tungstenite::WebSocketStream;
+        use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+        /// A frame with any opcode and bits, masked or not, text-like or not.
+        fn any_frame() -> impl Strategy<Value = Vec<u8>> {
+            let payload = prop_oneof![
+                8 => "[a-zé€ ]{0,40}".prop_map(String::into_bytes),
+                2 => prop::collection::vec(any::<u8>(), 0..40),
+                1 => (2800usize..5200).prop_map(|n| vec![b'L'; n]),
+            ];
+            (
+                prop::sample::select(vec![0u8, 1, 1, 2, 2, 8, 9, 10, 3]),
+                prop::bool::weighted(0.8),
+                prop::bool::weighted(0.95),
+                prop::bool::weighted(0.03),
+                payload,
+            )
+                .prop_map(|(opcode, fin, masked, rsv, payload)| {
+                    let mut f = frame(opcode, &payload, masked.then_some([7, 1, 3, 9]));
+                    if !fin {
+                        f[0] &= 0x7f;
+                    }
+                    if rsv {
+                        f[0] |= 0x20;
+                    }
+                    f
+                })
+        }
+
+        /// What a stream yields, as text: each message, then how it ended.
+        fn next_items<S: AsyncRead + AsyncWrite + Unpin>(
+            ws: &mut WebSocketStream<S>,
+            take: impl Fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
+            pongs: impl Fn(&mut S) -> Option<[u8; 8]>,
+            out: &mut Vec<String>,
+        ) -> bool {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            for _ in 0..100_000 {
+                let next = match take(ws.get_mut(), &mut cx) {
+                    Poll::Ready(Taken::Message(m)) => Poll::Ready(Some(Ok(m))),
+                    Poll::Ready(Taken::Pass) => ws.poll_next_unpin(&mut cx),
+                    Poll::Pending => Poll::Pending,
+                };
+                // As the driver does: a pong taken aside comes first, it
+                // was read first (tungstenite would have yielded it).
+                if let Some(p) = pongs(ws.get_mut()) {
+                    out.push(format!("{:?}", Message::Pong(p.to_vec().into())));
+                }
+                match next {
+                    Poll::Pending => return true,
+                    Poll::Ready(Some(Ok(m))) => {
+                        out.push(format!("{m:?}"));
+                        // As the driver does: tungstenite's replies (a
+                        // pong, a Close) go out at once.
+                        let _ = futures::SinkExt::poll_flush_unpin(ws, &mut cx);
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        out.push(format!("error: {e}"));
+                        return false;
+                    }
+                    Poll::Ready(None) => {
+                        out.push("end".into());
+                        return false;
+                    }
+                }
+            }
+            panic!("no pause in 100 000 items");
+        }
+
+        fn config() -> WebSocketConfig {
+            WebSocketConfig::default()
+                .max_frame_size(Some(3000))
+                .max_message_size(Some(5000))
+        }
+
+        /// Feeds `bytes` in `cuts` to a server stream, reading after each
+        /// part as the driver does; returns what it yielded.
+        fn run<S: AsyncRead + AsyncWrite + Unpin>(
+            ws: WebSocketStream<S>,
+            mut tx: DuplexStream,
+            bytes: &[u8],
+            cuts: &[usize],
+            take: impl Fn(&mut S, &mut Context<'_>) -> Poll<Taken> + Copy,
+            pongs: impl Fn(&mut S) -> Option<[u8; 8]>,
+        ) -> Vec<String> {
+            let mut ws = ws;
+            let mut out = Vec::new();
+            let mut at = 0;
+            let mut open = true;
+            let drain = |ws: &mut WebSocketStream<S>, out: &mut Vec<String>| {
+                next_items(ws, take, &pongs, out)
+            };
+            for &cut in cuts.iter().chain([bytes.len()].iter()) {
+                let end = cut.clamp(at, bytes.len());
+                tx.write_all(&bytes[at..end])
+                    .now_or_never()
+                    .unwrap()
+                    .unwrap();
+                at = end;
+                if open {
+                    open = drain(&mut ws, &mut out);
+                }
+            }
+            drop(tx);
+            while open {
+                open = drain(&mut ws, &mut out);
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// The driver's own reads yield exactly what tungstenite alone
+            /// yields from the same bytes, cut anywhere: every message, in
+            /// order, and the same error or end.
+            #[test]
+            fn any_frames_cut_anywhere(
+                frames in prop::collection::vec(any_frame(), 1..12),
+                cuts in prop::collection::vec(0usize..12_000, 0..8),
+            ) {
+                let bytes = frames.concat();
+                let mut cuts = cuts;
+                cuts.sort_unstable();
+                let server = |layer: bool| {
+                    let (tx, rx) = tokio::io::duplex(1 << 24);
+                    (tx, rx, layer)
+                };
+                let (tx, rx, _) = server(false);
+                let plain = WebSocketStream::from_raw_socket(rx, Role::Server, Some(config()))
+                    .now_or_never()
+                    .unwrap();
+                let expected = run(plain, tx, &bytes, &cuts, |_, _| Poll::Ready(Taken::Pass), |_| None);
+                let (tx, rx, _) = server(true);
+                let mut layer = ReadLayer::with_chunk(rx, 4096);
+                let cfg = config().read_buffer_size(TUNGSTENITE_READ_BUFFER);
+                layer.drive(3000);
+                let ours = WebSocketStream::from_raw_socket(layer, Role::Server, Some(cfg))
+                    .now_or_never()
+                    .unwrap();
+                let got = run(ours, tx, &bytes, &cuts, ReadLayer::poll_take, ReadLayer::take_pong);
+                prop_assert_eq!(got, expected);
+            }
+        }
     }
 }
