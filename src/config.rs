@@ -594,7 +594,10 @@ impl ConfigBuilder {
         self
     }
 
-    /// Most bytes read from the socket in one system call (at most 64 KiB).
+    /// Most bytes read from the socket in one system call (at most 64 KiB),
+    /// except within a plain data message read past tungstenite, whose
+    /// payload is read straight into the message's memory, up to 64 KiB
+    /// per call.
     ///
     /// For connections made by [`accept`](crate::Supervisor::accept) and
     /// [`connect`](crate::Supervisor::connect), the read buffer lives on the

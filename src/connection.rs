@@ -75,8 +75,9 @@ pub(crate) struct Shared {
     /// What the application's senders queued for the driver, oldest first.
     outbox: Mutex<Outbox>,
     /// The outbox holds a command: written under its lock, read without it
-    /// by the driver, which looks every turn (a send that sets it wakes
-    /// the driver after).
+    /// by the driver, which looks every turn. A `Sender` wakes the driver
+    /// after setting it; a handler's reply, made on the driver's own task,
+    /// is seen later in the same turn.
     queued: AtomicBool,
     /// `outbound_queue`: senders wait while the outbox holds this many.
     outbound_limit: usize,

@@ -27,7 +27,7 @@ use crate::signal::Signal;
 use crate::state::{Purpose, Slot, SupervisorState};
 use crate::stats::ConnectionId;
 use crate::trace;
-use crate::transport::{RawClose, ReadLayer, Taken};
+use crate::transport::{RawClose, ReadLayer, Taken, taken_limit};
 use crate::verdict::{close_frame, fallback_cause};
 
 /// Most turns of the loop in one poll before yielding to other tasks. A
@@ -222,13 +222,7 @@ where
         slot: Slot,
         probe: Probe<S>,
     ) -> Self {
-        // The stream takes no message tungstenite would refuse as too long.
-        let limits = ws.get_config();
-        let max_len = [limits.max_frame_size, limits.max_message_size]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(usize::MAX);
+        let max_len = taken_limit(ws.get_config());
         (probe.drive)(ws.get_mut(), max_len);
         let config = state.config();
         let unit = state.random_unit(id, Purpose::PingPhase);

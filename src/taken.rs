@@ -111,7 +111,7 @@ impl Taking {
                 if let Some(mask) = head.mask {
                     unmask(&mut payload, mask);
                 }
-                Err(head.wire(&payload))
+                Err(head.wire(payload))
             }
         }
     }
@@ -119,17 +119,16 @@ impl Taking {
     /// The frame's bytes so far, as they were on the wire (the payload is
     /// still masked until [`finish`](Self::finish)).
     pub(crate) fn give_back(self) -> Vec<u8> {
-        self.head.wire(&self.payload)
+        self.head.wire(self.payload)
     }
 }
 
 impl Head {
-    /// This header followed by `payload`.
-    fn wire(&self, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.header + payload.len());
-        bytes.extend_from_slice(&self.raw[..self.header]);
-        bytes.extend_from_slice(payload);
-        bytes
+    /// This header followed by `payload`, in the payload's memory (no
+    /// second copy of a large frame).
+    fn wire(&self, mut payload: Vec<u8>) -> Vec<u8> {
+        payload.splice(0..0, self.raw[..self.header].iter().copied());
+        payload
     }
 }
 

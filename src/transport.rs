@@ -5,8 +5,10 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::Config;
 use crate::taken::{Head, Taking};
@@ -28,8 +30,8 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// memory of an idle connection. Under this layer tungstenite gets a small
 /// buffer (see [`Config::websocket_config`]), and the layer reads up to
 /// [`Config::read_buffer_size`] bytes per system call into a stack buffer,
-/// handing tungstenite what it asks for; only bytes tungstenite has not yet
-/// asked for are kept on the heap. Within a frame longer than tungstenite's
+/// handing tungstenite what it asks for; only bytes not yet handed out are
+/// kept on the heap. Within a frame longer than tungstenite's
 /// next request (a large message), the layer reads into that heap buffer
 /// directly, so the payload is not copied twice; the next read outside
 /// such a frame gives the memory back. The driver reads once more after
@@ -38,8 +40,9 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 ///
 /// On the streams the supervisor builds, its driver also reads the peer's
 /// plain data messages (a final text or binary frame within the size
-/// limits) through this layer without tungstenite, into the message's
-/// own memory (a large payload straight from the socket). Every other
+/// limits, whose header came whole in one read) through this layer
+/// without tungstenite, into the message's own memory (a large payload
+/// straight from the socket, up to 64 KiB per system call). Every other
 /// frame, and
 /// every frame on a stream given to
 /// [`Supervisor::supervise`](crate::Supervisor::supervise), goes through
@@ -56,7 +59,8 @@ pub struct ReadLayer<S> {
     spill: Vec<u8>,
     pos: u32,
     end: u32,
-    /// Bytes per read system call (at most [`CHUNK`]).
+    /// Bytes per read system call (at most [`CHUNK`]), outside a payload
+    /// taken past tungstenite.
     chunk: usize,
     /// Bytes the socket has accepted from us, since the start: the
     /// driver's measure of write progress.
@@ -67,8 +71,6 @@ pub struct ReadLayer<S> {
     /// taken out of the stream before tungstenite saw it, for the driver
     /// (see [`take_pong`](Self::take_pong)).
     pong: Option<[u8; 8]>,
-    /// A data message just taken by [`poll_take`](Self::poll_take).
-    taken: Option<Message>,
     /// The end of the stream or an error the driver's read met, for
     /// tungstenite's next read.
     stashed: Option<Stashed>,
@@ -93,7 +95,8 @@ pub struct ReadLayer<S> {
 }
 
 impl<S> ReadLayer<S> {
-    /// Wraps `io`, reading [`Config::read_buffer_size`] bytes per system call.
+    /// Wraps `io`, reading [`Config::read_buffer_size`] bytes per system
+    /// call (outside large messages, see above).
     pub fn new(io: S, config: &Config) -> Self {
         Self::with_chunk(io, config.read_buffer_size())
     }
@@ -117,7 +120,6 @@ impl<S> ReadLayer<S> {
             written: 0,
             sniffer: CloseSniffer::frames(),
             pong: None,
-            taken: None,
             stashed: None,
             taking: None,
             max_len: 0,
@@ -153,13 +155,13 @@ impl<S> ReadLayer<S> {
         // A client's sniffer that has not seen the end of the HTTP head by
         // now has lost the frame boundaries: take nothing, trust nothing.
         self.driven = self.sniffer.in_frames();
-        self.max_len = max_len;
+        self.max_len = max_len.min(MAX_TAKEN);
     }
 
     /// Whether the socket is now registered for its next bytes and every
-    /// byte it gave so far is consumed once tungstenite has returned the
-    /// message of the last read: the driver then need not read again to
-    /// find nothing. Only a plain `TcpStream` is asked (its readiness can be
+    /// byte it gave so far is consumed once the driver has the message of
+    /// the last read (from tungstenite or taken past it): the driver then
+    /// need not read again to find nothing. Only a plain `TcpStream` is asked (its readiness can be
     /// polled without a read); takes the mark, so it answers once per read.
     pub(crate) fn parked(&mut self, cx: &mut Context<'_>) -> bool
     where
@@ -200,6 +202,21 @@ impl<S> ReadLayer<S> {
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
     }
+}
+
+/// Longest payload the driver's own reads take (a larger frame, where the
+/// limits allow one, goes to tungstenite): the spill's `u32` offsets must
+/// hold a frame given back.
+const MAX_TAKEN: usize = 1 << 30;
+
+/// The longest data message a driver may take past tungstenite under
+/// `config`: none that tungstenite would refuse as too long (its frame and
+/// message limits), and none over [`MAX_TAKEN`].
+pub(crate) fn taken_limit(config: &WebSocketConfig) -> usize {
+    [config.max_frame_size, config.max_message_size]
+        .into_iter()
+        .flatten()
+        .fold(MAX_TAKEN, usize::min)
 }
 
 /// Stack buffer for chunks up to the default `read_buffer_size`.
@@ -307,8 +324,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
     ) -> Poll<io::Result<()>> {
         self.whole = false;
         // A read of nothing but a pong we took leaves tungstenite without
-        // bytes (and 0 bytes would be EOF): read once more. That read passes
-        // everything, since the pong slot is full until the driver takes it.
+        // bytes (and 0 bytes would be EOF): read once more. That read takes
+        // no pong, since the slot is full until the driver takes it.
         if ready!(self.as_mut().read_and_pass(cx, out))? {
             ready!(self.as_mut().read_and_pass(cx, out))?;
         }
@@ -317,21 +334,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
 }
 
 impl<S: AsyncRead + Unpin> ReadLayer<S> {
-    /// One read, less the pong taken from it; sets `whole`. Returns whether
-    /// the read was nothing but that pong.
+    /// One read, less the pong taken from it and cut after the first frame
+    /// (see [`pass`](Self::pass)); sets `whole`. Returns whether the read
+    /// was nothing but that pong.
     fn read_and_pass(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<bool>> {
         let before = out.filled().len();
+        // Where the spill was, if this read is served from it.
+        let kept_at = (self.pos < self.end).then_some((self.pos, self.end));
         let short = ready!(self.as_mut().read_to(cx, out))?;
         let read = out.filled().len() - before;
         let from_boundary = self.sniffer.at_boundary();
         let (kept, frames, stop) = self.pass(&mut out.filled_mut()[before..]);
         if stop < read {
-            let rest = out.filled()[before + stop..].to_vec();
-            self.unread(&rest);
+            match kept_at {
+                // Still in the spill's memory: step back, copying nothing
+                // (a burst of small frames would otherwise copy the rest
+                // of the spill once per frame).
+                Some((pos, end)) => (self.pos, self.end) = (pos + stop as u32, end),
+                None => {
+                    let rest = out.filled()[before + stop..].to_vec();
+                    self.unread(rest);
+                }
+            }
         }
         out.set_filled(before + kept);
         // Never after the peer's Close: tungstenite then ends the stream on
@@ -355,7 +383,8 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     /// The payload is read straight into the message's own memory (a large
     /// one with no copy through tungstenite's 256-byte reads), unmasked,
     /// and checked as UTF-8 if it is text. `Pending` once the socket has
-    /// nothing more (registered for its next bytes); [`Taken::Pass`] when
+    /// nothing more (registered for its next bytes, unless tokio's
+    /// cooperative budget ran out, which wakes the task); [`Taken::Pass`] when
     /// the next frame is tungstenite's, or the stream's end or an error is:
     /// those are kept for tungstenite's next read, so it judges them as
     /// before. Text that is not UTF-8, or a frame cut off by the end of the
@@ -370,25 +399,29 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         // fewer bytes than asked is `Pending` without a system call.
         for _ in 0..3 {
             if self.taking.is_none() {
-                let short = if self.pos < self.end {
+                let (short, message) = if self.pos < self.end {
                     // What an earlier read kept, first.
                     let spill = std::mem::take(&mut self.spill);
                     let (pos, end) = (self.pos as usize, self.end as usize);
-                    let used = self.take_from(&spill[pos..end]);
+                    let (used, message) = self.take_from(&spill[pos..end]);
                     self.spill = spill;
                     self.pos += used as u32;
                     if self.pos == self.end {
                         self.forget_spill();
                     }
-                    false
+                    (false, message)
                 } else if self.stashed.is_some() {
                     return Poll::Ready(Taken::Pass);
-                } else if self.chunk <= SMALL_CHUNK {
-                    ready!(self.take_small(cx))
                 } else {
-                    ready!(self.take_large(cx))
+                    // Nothing kept: an idle connection holds no memory here.
+                    self.forget_spill();
+                    if self.chunk <= SMALL_CHUNK {
+                        ready!(self.take_small(cx))
+                    } else {
+                        ready!(self.take_large(cx))
+                    }
                 };
-                if let Some(message) = self.taken.take() {
+                if let Some(message) = message {
                     self.whole = short && self.pos == self.end;
                     return Poll::Ready(Taken::Message(message));
                 }
@@ -409,35 +442,40 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
 
     // Separate frames, so the common path does not reserve 64 KiB of stack.
     #[inline(never)]
-    fn take_small(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+    fn take_small(&mut self, cx: &mut Context<'_>) -> Poll<(bool, Option<Message>)> {
         let mut stack = [MaybeUninit::<u8>::uninit(); SMALL_CHUNK];
         self.take_via(cx, &mut stack)
     }
 
     #[inline(never)]
-    fn take_large(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+    fn take_large(&mut self, cx: &mut Context<'_>) -> Poll<(bool, Option<Message>)> {
         let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
         self.take_via(cx, &mut stack)
     }
 
     /// One read of the socket into `stack`, taking what may be taken and
-    /// keeping the rest; `true` if the socket gave fewer bytes than asked.
-    /// The end of the stream or an error is kept for tungstenite.
-    fn take_via(&mut self, cx: &mut Context<'_>, stack: &mut [MaybeUninit<u8>]) -> Poll<bool> {
+    /// keeping the rest: whether the socket gave fewer bytes than asked,
+    /// and the message taken whole, if any. The end of the stream or an
+    /// error is kept for tungstenite.
+    fn take_via(
+        &mut self,
+        cx: &mut Context<'_>,
+        stack: &mut [MaybeUninit<u8>],
+    ) -> Poll<(bool, Option<Message>)> {
         let mut buf = ReadBuf::uninit(&mut stack[..self.chunk]);
         match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
             Ok(()) if buf.filled().is_empty() => self.stashed = Some(Stashed::End),
             Ok(()) => {
                 let filled = buf.filled();
-                let used = self.take_from(filled);
+                let (used, message) = self.take_from(filled);
                 if used < filled.len() {
                     self.keep(filled[used..].to_vec());
                 }
-                return Poll::Ready(filled.len() < self.chunk);
+                return Poll::Ready((filled.len() < self.chunk, message));
             }
             Err(e) => self.stashed = Some(Stashed::Error(e)),
         }
-        Poll::Ready(false)
+        Poll::Ready((false, None))
     }
 
     /// Reads the rest of the frame being taken straight into its payload:
@@ -457,11 +495,15 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         }
         let mut short = false;
         while taking.left() > 0 {
-            let asked = taking.payload.capacity() - taking.payload.len();
+            // At most `CHUNK` per read: a stream that zero-fills the space
+            // it is given (some TLS layers do) must not zero the rest of a
+            // large payload on every read.
+            let room = taking.payload.capacity() - taking.payload.len();
+            let asked = room.min(CHUNK);
             let read = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
-                &mut taking.payload
+                &mut (&mut taking.payload).limit(asked)
             ));
             match read {
                 Ok(n) if n > 0 => short = n < asked,
@@ -474,7 +516,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                         Ok(_) => Stashed::End,
                     });
                     let frame = self.taking.take().expect("a frame being taken");
-                    self.unread(&frame.give_back());
+                    self.unread(frame.give_back());
                     self.give_back = true;
                     return Poll::Ready(None);
                 }
@@ -482,30 +524,30 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         }
         let mut taking = self.taking.take().expect("a frame being taken");
         let behind = taking.payload.split_off(taking.head.len);
-        self.unread(&behind);
+        self.unread(behind);
         match taking.finish() {
             Ok(message) => {
                 self.whole = short && self.pos == self.end;
                 Poll::Ready(Some(message))
             }
             Err(wire) => {
-                self.unread(&wire);
+                self.unread(wire);
                 self.give_back = true;
                 Poll::Ready(None)
             }
         }
     }
 
-    /// Puts `front` back before the unread bytes of the spill.
-    fn unread(&mut self, front: &[u8]) {
+    /// Puts `front` back before the unread bytes of the spill (in
+    /// `front`'s memory).
+    fn unread(&mut self, mut front: Vec<u8>) {
         if front.is_empty() {
             return;
         }
-        let rest = &self.spill[self.pos as usize..self.end as usize];
-        let mut spill = Vec::with_capacity(front.len() + rest.len());
-        spill.extend_from_slice(front);
-        spill.extend_from_slice(rest);
-        self.keep(spill);
+        if self.pos < self.end {
+            front.extend_from_slice(&self.spill[self.pos as usize..self.end as usize]);
+        }
+        self.keep(front);
     }
 
     /// The spill is empty: its memory goes back.
@@ -546,11 +588,12 @@ impl<S> ReadLayer<S> {
             && !self.give_back
     }
 
-    /// Takes from the start of `bytes` (just read, or kept) the pongs and
-    /// the data frame the driver may take, up to the first frame that is
+    /// Takes from the start of `bytes` (just read, or kept) a pong (if the
+    /// slot is free) and the data frame the driver may take, up to the first frame that is
     /// tungstenite's; a data frame ends it (taken whole, or what of it is
-    /// here starts `taking`). Returns how many bytes it took.
-    fn take_from(&mut self, bytes: &[u8]) -> usize {
+    /// here starts `taking`). Returns how many bytes it took, and the
+    /// message if it took one whole.
+    fn take_from(&mut self, bytes: &[u8]) -> (usize, Option<Message>) {
         let mut at = 0;
         while at < bytes.len() {
             if self.pong.is_none() {
@@ -568,28 +611,26 @@ impl<S> ReadLayer<S> {
             let taking = Taking::new(head, &bytes[start..end]);
             if taking.left() > 0 {
                 self.taking = Some(Box::new(taking));
-                return end;
+                return (end, None);
             }
             return match taking.finish() {
-                Ok(message) => {
-                    self.taken = Some(message);
-                    end
-                }
+                Ok(message) => (end, Some(message)),
                 // Not UTF-8: tungstenite refuses it, from here.
                 Err(_) => {
                     self.give_back = true;
-                    at
+                    (at, None)
                 }
             };
         }
-        at
+        (at, None)
     }
 
     /// Follows `bytes`, just read, frame by frame; takes out a pong for the
     /// driver where one may be taken. Returns how many bytes are left
     /// (moved to the front) for tungstenite, in how many frames (or parts
     /// of frames), and where it stopped: for a driver, after the first
-    /// frame it passed (the bytes from there go back to the spill).
+    /// frame it passed, and for a client, at the end of the HTTP head (the
+    /// bytes from there go back to the spill).
     fn pass(&mut self, bytes: &mut [u8]) -> (usize, usize, usize) {
         let (mut at, mut kept, mut frames) = (0, 0, 0);
         while at < bytes.len() {
@@ -683,7 +724,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         // Otherwise the spill's memory goes back: an idle connection (or
         // one of small messages) holds none.
         if this.spill.capacity() > 0 {
-            this.spill = Vec::new();
+            this.forget_spill();
         }
         if out.remaining() >= this.chunk {
             // Big enough: read straight into the caller's buffer.
@@ -755,8 +796,9 @@ pub(crate) struct RawClose {
 struct CloseSniffer {
     state: Sniff,
     last: Option<RawClose>,
-    /// A fragmented data message is open: its first frame was seen, its
-    /// final continuation not yet.
+    /// A fragmented data message is open: a text or binary frame that is
+    /// not final was the last of its kind, and no final continuation came
+    /// since.
     fragmented: bool,
 }
 
@@ -908,8 +950,10 @@ impl CloseSniffer {
     }
 
     /// Follows fragmented messages by the first header byte of each frame:
-    /// a text or binary frame that is not final opens one, a final
-    /// continuation ends it (control frames may come between).
+    /// a text or binary frame that is not final opens one, a final one or
+    /// a final continuation ends it (control frames may come between; a
+    /// final data frame within a fragmented message is tungstenite's to
+    /// refuse).
     fn follow_fragments(&mut self, first: u8) {
         let fin = first & 0x80 != 0;
         match first & 0x0f {
@@ -1461,6 +1505,42 @@ mod tests {
         panic!("no end in 10 000 reads");
     }
 
+    /// What a driver sees of `bytes` fed in parts of `step` bytes, each
+    /// part read as far as it goes before the next is written.
+    async fn seen_in_steps(bytes: &[u8], step: usize) -> Vec<Seen> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive(usize::MAX);
+        let mut all = Vec::new();
+        for part in bytes.chunks(step) {
+            tx.write_all(part).await.unwrap();
+            // Until the layer waits for more (a wait is not an error here).
+            for _ in 0..1000 {
+                let taken = take(&mut t);
+                all.extend(t.take_pong().map(Seen::Pong));
+                match taken {
+                    Poll::Pending => break,
+                    Poll::Ready(Taken::Message(m)) => all.push(Seen::Taken(m)),
+                    Poll::Ready(Taken::Pass) => {
+                        let mut buf = [0u8; 256];
+                        let Some(n) = futures::FutureExt::now_or_never(t.read(&mut buf)) else {
+                            break;
+                        };
+                        all.extend(t.take_pong().map(Seen::Pong));
+                        match all.last_mut() {
+                            Some(Seen::Passed(b)) => b.extend_from_slice(&buf[..n.unwrap()]),
+                            _ => all.push(Seen::Passed(buf[..n.unwrap()].to_vec())),
+                        }
+                    }
+                }
+            }
+        }
+        drop(tx);
+        all.extend(seen(&mut t));
+        all.retain(|s| !matches!(s, Seen::Passed(b) if b.is_empty()));
+        all
+    }
+
     /// A driven layer with `max_len`, fed `parts` and then the end.
     async fn layer_fed(parts: &[&[u8]], max_len: usize) -> ReadLayer<tokio::io::DuplexStream> {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
@@ -1484,21 +1564,37 @@ mod tests {
             frame(0x1, b"after", key),
         ]
         .concat();
-        // In one write and byte by byte: the same, every time.
-        for step in [all.len(), 1, 7] {
-            let parts: Vec<&[u8]> = all.chunks(step).collect();
-            let mut t = layer_fed(&parts, usize::MAX).await;
-            assert_eq!(
-                seen(&mut t),
-                vec![
-                    Seen::Taken(Message::Text("hello".into())),
-                    Seen::Pong(*b"12345678"),
-                    Seen::Taken(Message::Binary(vec![7; 300].into())),
-                    Seen::Passed(ping.clone()),
-                    Seen::Taken(Message::Text("after".into())),
-                ],
-                "step {step}"
-            );
+        // In one write: each data frame is taken, the pong too, the ping
+        // passes.
+        assert_eq!(
+            seen_in_steps(&all, all.len()).await,
+            vec![
+                Seen::Taken(Message::Text("hello".into())),
+                Seen::Pong(*b"12345678"),
+                Seen::Taken(Message::Binary(vec![7; 300].into())),
+                Seen::Passed(ping.clone()),
+                Seen::Taken(Message::Text("after".into())),
+            ]
+        );
+        // In parts, each read before the next part is written: frames
+        // whose header is split pass instead, and what is taken and what
+        // passes, in order, is the stream, byte for byte.
+        for step in [1, 3, 7, 100] {
+            let seen = seen_in_steps(&all, step).await;
+            let rebuilt: Vec<u8> = seen
+                .iter()
+                .flat_map(|s| match s {
+                    Seen::Passed(bytes) => bytes.clone(),
+                    Seen::Pong(p) => frame(0xA, p, key),
+                    Seen::Taken(Message::Text(t)) => frame(0x1, t.as_bytes(), key),
+                    Seen::Taken(Message::Binary(b)) => frame(0x2, b, key),
+                    Seen::Taken(other) => panic!("not a data message: {other:?}"),
+                })
+                .collect();
+            assert_eq!(rebuilt, all, "step {step}: {seen:?}");
+            if step == 100 {
+                assert!(seen.iter().any(|s| matches!(s, Seen::Taken(_))));
+            }
         }
     }
 
@@ -1516,6 +1612,52 @@ mod tests {
             let n = t.read(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], &expected[..]);
         }
+    }
+
+    #[tokio::test]
+    async fn frames_for_tungstenite_are_cut_from_the_spill_in_place_and_idle_holds_nothing() {
+        use futures::FutureExt;
+        let key = Some([4, 4, 2, 2]);
+        // A fragmented message: a 5000-byte first fragment (read through
+        // tungstenite, partly into the spill's own memory), 50 pings, then
+        // the final continuation.
+        let mut first = frame(0x2, &[1; 5000], key);
+        first[0] &= 0x7f;
+        let ping = frame(0x9, b"p", key);
+        let mut last = frame(0x0, b"end", key);
+        last[0] |= 0x80;
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut t = ReadLayer::with_chunk(rx, 4096);
+        t.drive(usize::MAX);
+        tx.write_all(&first).await.unwrap();
+        tx.write_all(&ping.repeat(50)).await.unwrap();
+        tx.write_all(&last).await.unwrap();
+        let mut passed = Vec::new();
+        let mut spills = Vec::new();
+        for _ in 0..1000 {
+            match take(&mut t) {
+                Poll::Ready(Taken::Pass) => {}
+                other => {
+                    assert!(other.is_pending(), "nothing here is taken: {other:?}");
+                    break;
+                }
+            }
+            let mut buf = [0u8; 256];
+            let Some(n) = t.read(&mut buf).now_or_never() else {
+                break;
+            };
+            passed.extend_from_slice(&buf[..n.unwrap()]);
+            if t.pos < t.end {
+                spills.push((t.spill.as_ptr(), t.spill.capacity()));
+            }
+        }
+        assert_eq!(passed, [first, ping.repeat(50), last].concat());
+        // Each ping left the spill where it was: cut in place, not copied.
+        let pings = &spills[spills.len() - 50..];
+        assert!(pings.windows(2).all(|w| w[0] == w[1]), "{pings:?}");
+        // Everything read, the connection idle: no memory held.
+        assert!(take(&mut t).is_pending());
+        assert_eq!((t.spill.capacity(), t.pos, t.end), (0, 0, 0));
     }
 
     #[tokio::test]
@@ -1694,8 +1836,9 @@ mod tests {
         use tokio_tungstenite::WebSocketStream;
         use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-        /// A frame with any opcode and bits, masked or not, text-like or not.
-        fn any_frame() -> impl Strategy<Value = Vec<u8>> {
+        /// A frame with any opcode and bits, text-like or not, masked with
+        /// probability `masked`.
+        fn any_frame(masked: f64) -> impl Strategy<Value = Vec<u8>> {
             let payload = prop_oneof![
                 8 => "[a-zé€ ]{0,40}".prop_map(String::into_bytes),
                 2 => prop::collection::vec(any::<u8>(), 0..40),
@@ -1704,7 +1847,7 @@ mod tests {
             (
                 prop::sample::select(vec![0u8, 1, 1, 2, 2, 8, 9, 10, 3]),
                 prop::bool::weighted(0.8),
-                prop::bool::weighted(0.95),
+                prop::bool::weighted(masked),
                 prop::bool::weighted(0.03),
                 payload,
             )
@@ -1762,12 +1905,12 @@ mod tests {
 
         fn config() -> WebSocketConfig {
             WebSocketConfig::default()
-                .max_frame_size(Some(3000))
-                .max_message_size(Some(5000))
+                .max_frame_size(Some(4500))
+                .max_message_size(Some(9000))
         }
 
-        /// Feeds `bytes` in `cuts` to a server stream, reading after each
-        /// part as the driver does; returns what it yielded.
+        /// Feeds `bytes` in `cuts` to a stream, reading after each part as
+        /// the driver does; returns what it yielded.
         fn run<S: AsyncRead + AsyncWrite + Unpin>(
             ws: WebSocketStream<S>,
             mut tx: DuplexStream,
@@ -1802,32 +1945,38 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            // `PROPTEST_CASES` as for tests/fuzz.rs (CI runs 20 000).
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
+            ))]
             /// The driver's own reads yield exactly what tungstenite alone
             /// yields from the same bytes, cut anywhere: every message, in
-            /// order, and the same error or end.
+            /// order, and the same error or end; as a server or a client,
+            /// with small, default and largest read chunks.
             #[test]
             fn any_frames_cut_anywhere(
-                frames in prop::collection::vec(any_frame(), 1..12),
-                cuts in prop::collection::vec(0usize..12_000, 0..8),
+                server in any::<bool>(),
+                frames in prop::collection::vec(any_frame(0.95), 1..12),
+                client_frames in prop::collection::vec(any_frame(0.05), 1..12),
+                cuts in prop::collection::vec(0.0f64..1.0, 0..8),
+                chunk in prop::sample::select(vec![256usize, 4096, CHUNK]),
             ) {
-                let bytes = frames.concat();
-                let mut cuts = cuts;
+                let bytes = if server { frames } else { client_frames }.concat();
+                let mut cuts: Vec<usize> =
+                    cuts.iter().map(|f| (f * bytes.len() as f64) as usize).collect();
                 cuts.sort_unstable();
-                let server = |layer: bool| {
-                    let (tx, rx) = tokio::io::duplex(1 << 24);
-                    (tx, rx, layer)
-                };
-                let (tx, rx, _) = server(false);
-                let plain = WebSocketStream::from_raw_socket(rx, Role::Server, Some(config()))
+                let role = if server { Role::Server } else { Role::Client };
+                let (tx, rx) = tokio::io::duplex(1 << 24);
+                let plain = WebSocketStream::from_raw_socket(rx, role, Some(config()))
                     .now_or_never()
                     .unwrap();
                 let expected = run(plain, tx, &bytes, &cuts, |_, _| Poll::Ready(Taken::Pass), |_| None);
-                let (tx, rx, _) = server(true);
-                let mut layer = ReadLayer::with_chunk(rx, 4096);
+                let (tx, rx) = tokio::io::duplex(1 << 24);
+                let mut layer = ReadLayer::with_chunk(rx, chunk);
+                layer.peer_masks = server;
                 let cfg = config().read_buffer_size(TUNGSTENITE_READ_BUFFER);
-                layer.drive(3000);
-                let ours = WebSocketStream::from_raw_socket(layer, Role::Server, Some(cfg))
+                layer.drive(taken_limit(&cfg));
+                let ours = WebSocketStream::from_raw_socket(layer, role, Some(cfg))
                     .now_or_never()
                     .unwrap();
                 let got = run(ours, tx, &bytes, &cuts, ReadLayer::poll_take, ReadLayer::take_pong);
