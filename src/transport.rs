@@ -478,21 +478,14 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         Poll::Ready((false, None))
     }
 
-    /// Reads the rest of the frame being taken straight into its payload:
-    /// the spill first, then the socket. `Some` once the message is whole;
+    /// Reads the rest of the frame being taken straight into its payload,
+    /// from the socket. `Some` once the message is whole;
     /// `None` if the frame was given back to tungstenite.
     fn poll_taking(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let taking = self.taking.as_mut().expect("a frame being taken");
-        if self.pos < self.end {
-            let (pos, end) = (self.pos as usize, self.end as usize);
-            let n = taking.left().min(end - pos);
-            taking.payload.extend_from_slice(&self.spill[pos..pos + n]);
-            self.pos += n as u32;
-            if self.pos == self.end {
-                (self.pos, self.end) = (0, 0);
-                self.spill = Vec::new();
-            }
-        }
+        // A frame is taken from what one read or the spill held up to its
+        // end, and nothing reads the stream but this until it is whole.
+        debug_assert!(self.pos == self.end, "bytes behind a frame being taken");
         let mut short = false;
         while taking.left() > 0 {
             // At most `CHUNK` per read: a stream that zero-fills the space
