@@ -124,8 +124,9 @@ impl Taking {
 }
 
 impl Head {
-    /// This header followed by `payload`, in the payload's memory (no
-    /// second copy of a large frame).
+    /// This header followed by `payload`, in the payload's memory when it
+    /// has room for the header (a frame read over several reads has its
+    /// `SLACK`), so a large frame is not copied a second time.
     fn wire(&self, mut payload: Vec<u8>) -> Vec<u8> {
         payload.splice(0..0, self.raw[..self.header].iter().copied());
         payload
