@@ -3,11 +3,13 @@
 
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 
+use crate::transport::Header;
+
 /// Bytes a taken frame's reads may ask beyond its end, so that the read
 /// that completes a frame with nothing behind it is short: tokio then
 /// clears the socket's readiness, and the driver need not read again to
 /// find nothing. Bytes of a next frame that land there go back to the spill.
-pub(crate) const SLACK: usize = 64;
+const SLACK: usize = 64;
 
 /// The header of a data frame the read layer may take whole: final, text or
 /// binary, no reserved bits, masked exactly when the peer must mask, and no
@@ -30,42 +32,28 @@ impl Head {
     /// The head of the frame that starts `bytes`, if it qualifies and its
     /// header is whole.
     pub(crate) fn parse(bytes: &[u8], masked: bool, max_len: usize) -> Option<Self> {
-        let (&first, &second) = (bytes.first()?, bytes.get(1)?);
-        let text = match first {
+        let header = Header::parse(bytes)?;
+        let text = match header.first {
             0x81 => true,
             0x82 => false,
             _ => return None,
         };
-        if (second & 0x80 != 0) != masked {
+        if header.mask.is_some() != masked {
             return None;
         }
-        let (ext, len) = match second & 0x7f {
-            126 => (2, u64::from(u16::from_be_bytes(array(bytes, 2)?))),
-            127 => (8, u64::from_be_bytes(array(bytes, 2)?)),
-            n => (0, u64::from(n)),
-        };
-        let len = usize::try_from(len).ok().filter(|&len| len <= max_len)?;
-        let header = 2 + ext + if masked { 4 } else { 0 };
-        let mask = if masked {
-            Some(array(bytes, 2 + ext)?)
-        } else {
-            None
-        };
+        let len = usize::try_from(header.len)
+            .ok()
+            .filter(|&len| len <= max_len)?;
         let mut raw = [0; 14];
-        raw[..header].copy_from_slice(&bytes[..header]);
+        raw[..header.size].copy_from_slice(&bytes[..header.size]);
         Some(Self {
             raw,
-            header,
+            header: header.size,
             len,
-            mask,
+            mask: header.mask,
             text,
         })
     }
-}
-
-/// `N` bytes of `bytes` from `at`, if there.
-fn array<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
-    bytes.get(at..at + N)?.try_into().ok()
 }
 
 /// A taken frame while its payload arrives.
@@ -154,21 +142,7 @@ mod tests {
     use super::*;
 
     fn masked(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n < 65536 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        crate::transport::tests::frame(opcode, payload, Some(mask))
     }
 
     fn take_whole(bytes: &[u8]) -> Result<Message, Vec<u8>> {

@@ -147,8 +147,8 @@ impl<S> ReadLayer<S> {
     }
 
     /// The driver will take pongs ([`take_pong`](Self::take_pong)) and
-    /// data messages of at most `max_len` bytes (none if 0)
-    /// ([`poll_take`](Self::poll_take)) and ask
+    /// data messages of at most `max_len` bytes (and at most
+    /// [`MAX_TAKEN`]) ([`poll_take`](Self::poll_take)) and ask
     /// [`parked`](Self::parked): from here on this layer takes them out of
     /// the stream.
     pub(crate) fn drive(&mut self, max_len: usize) {
@@ -211,12 +211,12 @@ const MAX_TAKEN: usize = 1 << 30;
 
 /// The longest data message a driver may take past tungstenite under
 /// `config`: none that tungstenite would refuse as too long (its frame and
-/// message limits), and none over [`MAX_TAKEN`].
+/// message limits).
 pub(crate) fn taken_limit(config: &WebSocketConfig) -> usize {
     [config.max_frame_size, config.max_message_size]
         .into_iter()
         .flatten()
-        .fold(MAX_TAKEN, usize::min)
+        .fold(usize::MAX, usize::min)
 }
 
 /// Stack buffer for chunks up to the default `read_buffer_size`.
@@ -574,7 +574,6 @@ impl<S> ReadLayer<S> {
     /// tungstenite), and not right after giving a frame back.
     fn takes_frames(&self) -> bool {
         self.driven
-            && self.max_len > 0
             && self.sniffer.at_boundary()
             && self.sniffer.last.is_none()
             && !self.sniffer.fragmented
@@ -872,16 +871,14 @@ impl CloseSniffer {
     /// the frame goes on).
     fn feed_frame(&mut self, all: &[u8]) -> usize {
         let mut bytes = all;
-        if let Sniff::Header { buf, have: 0 } = &mut self.state {
+        if matches!(self.state, Sniff::Header { have: 0, .. }) {
             // The common case: the whole header at once.
-            if let Some(len) = header_len(bytes).filter(|&len| len <= bytes.len()) {
-                buf[..len].copy_from_slice(&bytes[..len]);
-                bytes = &bytes[len..];
-                let first = buf[0];
-                self.state = header_done(buf, len as u8).expect("a whole header");
-                self.follow_fragments(first);
+            if let Some(header) = Header::parse(bytes) {
+                bytes = &bytes[header.size..];
+                self.state = header.payload_state();
+                self.follow_fragments(header.first);
                 if self.finish_if_empty() {
-                    return len;
+                    return header.size;
                 }
             }
         }
@@ -909,10 +906,9 @@ impl CloseSniffer {
                     buf[usize::from(*have)] = bytes[0];
                     bytes = &bytes[1..];
                     *have += 1;
-                    if let Some(next) = header_done(buf, *have) {
-                        let first = buf[0];
-                        self.state = next;
-                        self.follow_fragments(first);
+                    if let Some(header) = Header::parse(&buf[..usize::from(*have)]) {
+                        self.state = header.payload_state();
+                        self.follow_fragments(header.first);
                         if self.finish_if_empty() {
                             break;
                         }
@@ -987,54 +983,60 @@ impl CloseSniffer {
     }
 }
 
-/// The header length of the frame starting `bytes`, once its first two
-/// bytes are there.
-fn header_len(bytes: &[u8]) -> Option<usize> {
-    let second = *bytes.get(1)?;
-    let ext = match second & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    Some(2 + ext + if second & 0x80 != 0 { 4 } else { 0 })
+/// A frame header, as the peer sent it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Header {
+    /// The first byte: FIN, the reserved bits and the opcode.
+    pub(crate) first: u8,
+    /// Header bytes (2 to 14).
+    pub(crate) size: usize,
+    /// Payload bytes.
+    pub(crate) len: u64,
+    pub(crate) mask: Option<[u8; 4]>,
 }
 
-/// The payload state once `have` header bytes in `buf` make a whole header.
-fn header_done(buf: &[u8; 14], have: u8) -> Option<Sniff> {
-    if have < 2 {
-        return None;
+impl Header {
+    /// The header at the start of `bytes`, once it is whole there.
+    pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {
+        let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+        let ext = match second & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let masked = second & 0x80 != 0;
+        let size = 2 + ext + if masked { 4 } else { 0 };
+        let header = bytes.get(..size)?;
+        let len = match ext {
+            0 => u64::from(second & 0x7f),
+            _ => header[2..2 + ext]
+                .iter()
+                .fold(0, |n, &b| (n << 8) | u64::from(b)),
+        };
+        let mask = masked.then(|| header[2 + ext..].try_into().expect("4 bytes"));
+        Some(Self {
+            first,
+            size,
+            len,
+            mask,
+        })
     }
-    let masked = buf[1] & 0x80 != 0;
-    let (ext, len7) = match buf[1] & 0x7f {
-        126 => (2, None),
-        127 => (8, None),
-        n => (0, Some(u64::from(n))),
-    };
-    let need = 2 + ext + if masked { 4 } else { 0 };
-    if usize::from(have) < need {
-        return None;
+
+    /// The sniffer's state for this frame's payload (a Close's captured).
+    fn payload_state(&self) -> Sniff {
+        let close = (self.first & 0x0f == 0x8).then(|| Capture {
+            mask: self.mask,
+            bytes: Vec::new(),
+        });
+        Sniff::Payload {
+            remaining: self.len,
+            close,
+        }
     }
-    let len = len7.unwrap_or_else(|| {
-        buf[2..2 + ext]
-            .iter()
-            .fold(0u64, |n, &b| (n << 8) | u64::from(b))
-    });
-    let mask = masked.then(|| {
-        let at = 2 + ext;
-        [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]
-    });
-    let close = (buf[0] & 0x0f == 0x8).then(|| Capture {
-        mask,
-        bytes: Vec::new(),
-    });
-    Some(Sniff::Payload {
-        remaining: len,
-        close,
-    })
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1126,7 +1128,9 @@ mod tests {
         assert_eq!(t.spill.capacity(), 0);
     }
 
-    fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    /// A final frame with `opcode` and `payload`, masked with `mask` if
+    /// given.
+    pub(crate) fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
         let mut out = vec![0x80 | opcode];
         let m = if mask.is_some() { 0x80 } else { 0 };
         match payload.len() {
@@ -1703,7 +1707,7 @@ mod tests {
             ("longer than the limit", over, 10),
             ("unmasked from a client", unmasked, 100),
             ("not final", fragment, 100),
-            ("any frame, when the limit is 0", frame(0x2, b"abc", key), 0),
+            ("longer than a limit of 0", frame(0x2, b"abc", key), 0),
         ];
         for (what, bytes, max_len) in cases {
             let mut t = layer_fed(&[&bytes], max_len).await;
@@ -1783,39 +1787,78 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_whole_taken_frame_from_a_short_socket_read_parks_the_socket() {
-        let (mut t, mut peer) = tcp_pair().await;
+    async fn a_taken_frame_whose_last_read_was_short_parks_the_socket() {
+        // Small: whole in the first read; large: its payload read over
+        // several reads, the last asking past the frame's end.
+        for len in [128, 100_000] {
+            let (mut t, mut peer) = tcp_pair().await;
+            t.drive(usize::MAX);
+            let wakes = Arc::new(Counter::default());
+            let waker = std::task::Waker::from(wakes.clone());
+            let mut cx = Context::from_waker(&waker);
+            let payload = vec![b'z'; len];
+            peer.write_all(&frame(0x2, &payload, Some([1, 2, 3, 4])))
+                .await
+                .unwrap();
+            // Bounded: the bytes cross loopback in well under a second.
+            let mut message = None;
+            for _ in 0..1000 {
+                if let Poll::Ready(taken) = t.poll_take(&mut cx) {
+                    message = Some(taken);
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let wakes_before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            assert!(
+                matches!(&message, Some(Taken::Message(m)) if *m == Message::Binary(payload.into())),
+                "{len}"
+            );
+            assert!(t.parked(&mut cx), "{len}: registered at once");
+            peer.write_all(b"x").await.unwrap();
+            for _ in 0..1000 {
+                if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > wakes_before {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(
+                wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+                wakes_before + 1,
+                "{len}"
+            );
+        }
+    }
+
+    /// A stream that hands out what `data` holds, and records the most
+    /// room a read offered it.
+    struct Offered {
+        data: std::io::Cursor<Vec<u8>>,
+        most: usize,
+    }
+    impl AsyncRead for Offered {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.most = self.most.max(buf.remaining());
+            let n = std::io::Read::read(&mut self.data, buf.initialize_unfilled())?;
+            buf.advance(n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_large_payload_is_read_at_most_64_kib_at_a_time() {
+        let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let data = std::io::Cursor::new(frame(0x2, &payload, Some([8, 6, 4, 2])));
+        let mut t = ReadLayer::with_chunk(Offered { data, most: 0 }, 4096);
         t.drive(usize::MAX);
-        let wakes = Arc::new(Counter::default());
-        let waker = std::task::Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let text = frame(0x1, &[b'z'; 128], Some([1, 2, 3, 4]));
-        peer.write_all(&text).await.unwrap();
-        // Bounded: the bytes cross loopback in well under a second.
-        let mut message = None;
-        for _ in 0..1000 {
-            if let Poll::Ready(taken) = t.poll_take(&mut cx) {
-                message = Some(taken);
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        let wakes_before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
-            matches!(message, Some(Taken::Message(m)) if m == Message::Text("z".repeat(128).into()))
+            matches!(take(&mut t), Poll::Ready(Taken::Message(m)) if m == Message::Binary(payload.into()))
         );
-        assert!(t.parked(&mut cx), "registered at once");
-        peer.write_all(b"x").await.unwrap();
-        for _ in 0..1000 {
-            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > wakes_before {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert_eq!(
-            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
-            wakes_before + 1
-        );
+        assert_eq!(t.io.most, CHUNK, "the payload's reads, capped");
     }
 
     // ===== against tungstenite alone =====

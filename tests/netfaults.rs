@@ -83,25 +83,13 @@ async fn blackholed_peer_is_declared_timeout_within_the_bound() {
     let pong_timeout = Duration::from_millis(300);
     let config = heartbeat(interval, pong_timeout).build().unwrap();
     let (sup, events) = supervisor(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = {
-        let sup = sup.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            sup.accept_tcp(tcp).await.unwrap()
-        })
-    };
-    let (client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .unwrap();
+    let (conn, client) = accept_over_tcp(&sup).await;
     let client_port = client.get_ref().get_ref().local_addr().unwrap().port();
     // The client answers pings as long as it is polled.
     let client_task = tokio::spawn(async move {
         let mut client = client;
         while let Some(Ok(_)) = client.next().await {}
     });
-    let conn = server.await.unwrap();
     timeout(Duration::from_secs(10), async {
         while conn.stats().pongs_received < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
