@@ -61,6 +61,9 @@ pub(crate) struct Probe<S> {
     /// Tells the stream that this driver takes pongs and data messages of
     /// at most the given length, and asks `parked`.
     pub(crate) drive: fn(&mut S, usize),
+    /// Queues a ping frame with this payload in the stream itself, past
+    /// tungstenite, where the stream can (see [`ReadLayer::queue_ping`]).
+    pub(crate) queue_ping: fn(&mut S, [u8; 8]) -> bool,
 }
 
 impl<S> Probe<S> {
@@ -73,6 +76,7 @@ impl<S> Probe<S> {
             take: |_, _| Poll::Ready(Taken::Pass),
             parked: |_, _| false,
             drive: |_, _| {},
+            queue_ping: |_, _| false,
         }
     }
 }
@@ -87,6 +91,7 @@ impl<T: AsyncRead + Unpin + 'static> Probe<ReadLayer<T>> {
             take: ReadLayer::poll_take,
             parked: ReadLayer::parked,
             drive: ReadLayer::drive,
+            queue_ping: ReadLayer::queue_ping,
         }
     }
 }
@@ -121,6 +126,8 @@ pub(crate) struct Driver<S: AsyncRead + AsyncWrite + Unpin> {
     take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
     /// Whether the stream is drained and registered after a message.
     parked: fn(&mut S, &mut Context<'_>) -> bool,
+    /// The stream's own queue for a ping frame, where it has one.
+    queue_ping: fn(&mut S, [u8; 8]) -> bool,
     guard: CloseGuard,
 }
 
@@ -176,8 +183,12 @@ struct FromApp {
 
 /// What the write side owes the socket.
 struct WriteSide<S> {
-    /// Bytes were handed to tungstenite and not yet flushed.
+    /// Bytes were handed down (to tungstenite, or a ping frame to the
+    /// stream itself) and not yet flushed.
     dirty: bool,
+    /// All of them are the stream's own ping frame: tungstenite holds
+    /// nothing, and the flush need not pass through it.
+    ping_only: bool,
     /// Since when the write side has been blocked without progress (`None`:
     /// it is not blocked): the write timeout counts from here.
     blocked_since: Option<Instant>,
@@ -191,6 +202,20 @@ struct WriteSide<S> {
 }
 
 impl<S> WriteSide<S> {
+    /// Bytes were handed to tungstenite.
+    fn queued(&mut self) {
+        self.dirty = true;
+        self.ping_only = false;
+    }
+
+    /// A ping frame was queued in the stream itself; nothing else waits
+    /// (pings go out only once everything is flushed).
+    fn queued_ping(&mut self) {
+        debug_assert!(!self.dirty, "a ping past tungstenite behind its bytes");
+        self.dirty = true;
+        self.ping_only = true;
+    }
+
     /// The write side could not finish at `now`. The write timeout measures
     /// time without progress: if the socket took any of our bytes since the
     /// last look, the clock starts again.
@@ -205,6 +230,7 @@ impl<S> WriteSide<S> {
     /// Everything was flushed.
     fn flushed(&mut self) {
         self.dirty = false;
+        self.ping_only = false;
         self.blocked_since = None;
     }
 }
@@ -261,8 +287,10 @@ where
             take_pong: probe.take_pong,
             take: probe.take,
             parked: probe.parked,
+            queue_ping: probe.queue_ping,
             write: WriteSide {
                 dirty: false,
+                ping_only: false,
                 blocked_since: None,
                 progress: probe.written,
                 written: None,
@@ -586,7 +614,7 @@ where
             Message::Ping(_) => {
                 self.hb.on_frame(now);
                 // tungstenite queued the pong: get it on the wire now.
-                self.write.dirty = true;
+                self.write.queued();
             }
             Message::Pong(payload) => {
                 let pong = self.hb.on_pong(now, &payload);
@@ -598,7 +626,7 @@ where
                 self.guard.verdict.peer_closed(frame.as_ref(), raw);
                 // tungstenite queued the Close reply; flush it, then read on
                 // until the peer ends the transport (or we time out).
-                self.write.dirty = true;
+                self.write.queued();
                 if self.phase == Phase::Open {
                     self.phase = Phase::Closing {
                         until: now + self.state.config().close_timeout(),
@@ -830,7 +858,7 @@ where
     /// Hands `message` to tungstenite; a failure ends the connection.
     fn start_send(&mut self, message: Message) {
         match Pin::new(&mut self.ws).start_send(message) {
-            Ok(()) => self.write.dirty = true,
+            Ok(()) => self.write.queued(),
             Err(e) => self.on_write_error(e),
         }
     }
@@ -839,7 +867,14 @@ where
         if !self.write.dirty || self.phase == Phase::Done {
             return false;
         }
-        match Pin::new(&mut self.ws).poll_flush(cx) {
+        let flush = if self.write.ping_only {
+            Pin::new(self.ws.get_mut())
+                .poll_flush(cx)
+                .map_err(WsError::Io)
+        } else {
+            Pin::new(&mut self.ws).poll_flush(cx)
+        };
+        match flush {
             Poll::Pending => {
                 self.write.blocked(self.ws.get_ref(), now);
                 false
@@ -921,7 +956,7 @@ where
         match Pin::new(&mut self.ws).start_send(Message::Close(frame)) {
             Ok(()) => {
                 self.guard.verdict.sent(code);
-                self.write.dirty = true;
+                self.write.queued();
             }
             // tungstenite dropped the frame but counts itself closing: the
             // handshake deadline ends the wait, with no code sent.
@@ -1016,12 +1051,23 @@ where
                 self.hb.ping_skipped(now);
                 return true;
             }
-            let Some(ping) = self.probe(nonce, now) else {
-                return true;
+            let sent = match self.probe(nonce, now) {
+                None => return true,
+                // A ping frame goes into the stream itself where it can:
+                // no pass through tungstenite, no allocation.
+                Some(Ping::Frame(payload)) if (self.queue_ping)(self.ws.get_mut(), payload) => {
+                    self.write.queued_ping();
+                    Ok(())
+                }
+                Some(Ping::Frame(payload)) => Pin::new(&mut self.ws)
+                    .start_send(Message::Ping(Bytes::copy_from_slice(&payload)))
+                    .map(|()| self.write.queued()),
+                Some(Ping::Probe(probe)) => Pin::new(&mut self.ws)
+                    .start_send(probe)
+                    .map(|()| self.write.queued()),
             };
-            match Pin::new(&mut self.ws).start_send(ping) {
+            match sent {
                 Ok(()) => {
-                    self.write.dirty = true;
                     self.hb.ping_sent(now);
                     self.state.metrics().pings_sent.increment(1);
                     self.shared.publish(&self.hb.stats());
@@ -1040,12 +1086,12 @@ where
     /// The ping carrying `nonce`: a ping frame, or the application-level
     /// probe. `None` (and the ping is over) if the probe cannot be sent
     /// (skipped) or its builder panicked (the connection ends).
-    fn probe(&mut self, nonce: u64, now: Instant) -> Option<Message> {
+    fn probe(&mut self, nonce: u64, now: Instant) -> Option<Ping> {
         let config = self.state.config();
         match config.app_heartbeat().probe(nonce) {
-            Ok(None) => Some(Message::Ping(Bytes::copy_from_slice(&nonce.to_be_bytes()))),
+            Ok(None) => Some(Ping::Frame(nonce.to_be_bytes())),
             Ok(Some(probe)) if unsendable(&probe, config.write_buffer_limit()).is_none() => {
-                Some(probe)
+                Some(Ping::Probe(probe))
             }
             // `build()` checked a sample; the peer is not held to a ping
             // that was not sent.
@@ -1075,6 +1121,14 @@ where
             None => false,
         }
     }
+}
+
+/// What carries a ping's nonce to the peer.
+enum Ping {
+    /// A ping frame with this payload.
+    Frame([u8; 8]),
+    /// The application-level probe.
+    Probe(Message),
 }
 
 /// A driver dropped before its connection ended: the runtime dropped the

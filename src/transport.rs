@@ -74,6 +74,11 @@ pub struct ReadLayer<S> {
     /// The end of the stream or an error the driver's read met, for
     /// tungstenite's next read.
     stashed: Option<Stashed>,
+    /// A ping frame the driver queued past tungstenite (see
+    /// [`queue_ping`](Self::queue_ping)), and how much of it the socket
+    /// took: the rest goes out before any byte tungstenite writes.
+    ping: [u8; PING_FRAME],
+    ping_sent: u8,
     /// A data frame being taken, while its payload arrives.
     taking: Option<Box<Taking>>,
     /// Longest payload this layer takes (tungstenite's frame and message
@@ -121,6 +126,8 @@ impl<S> ReadLayer<S> {
             sniffer: CloseSniffer::frames(),
             pong: None,
             stashed: None,
+            ping: [0; PING_FRAME],
+            ping_sent: PING_FRAME as u8,
             taking: None,
             max_len: 0,
             give_back: false,
@@ -186,6 +193,28 @@ impl<S> ReadLayer<S> {
         self.pong.take()
     }
 
+    /// For the driver: queues a ping frame carrying `payload`, written
+    /// ahead of any byte tungstenite writes next (on its next write or
+    /// flush through this layer), with no pass through tungstenite and no
+    /// allocation. `false` when this layer cannot: a client's frames need
+    /// a mask (tungstenite draws those), a stream given to `supervise` is
+    /// not driven, and an earlier ping may still be on its way; the
+    /// caller then sends the ping through tungstenite.
+    ///
+    /// The caller must know that tungstenite holds no byte it has not
+    /// written (the driver pings only when everything was flushed), or the
+    /// ping would land inside one of its frames.
+    pub(crate) fn queue_ping(&mut self, payload: [u8; 8]) -> bool {
+        if !self.driven || !self.peer_masks || usize::from(self.ping_sent) < PING_FRAME {
+            return false;
+        }
+        // FIN and opcode 9, unmasked, an 8-byte payload (RFC 6455 §5.2).
+        self.ping[..2].copy_from_slice(&[0x89, 8]);
+        self.ping[2..].copy_from_slice(&payload);
+        self.ping_sent = 0;
+        true
+    }
+
     /// Bytes the socket has accepted from us so far (always `Some`: the
     /// driver's write-progress probe for streams it built, see `Progress`).
     pub(crate) fn bytes_written(&self) -> Option<u64> {
@@ -203,6 +232,9 @@ impl<S> ReadLayer<S> {
         &mut self.io
     }
 }
+
+/// A ping frame from a server: a 2-byte header and the 8-byte nonce.
+const PING_FRAME: usize = 10;
 
 /// Longest payload the driver's own reads take (a larger frame, where the
 /// limits allow one, goes to tungstenite): the spill's `u32` offsets must
@@ -733,12 +765,32 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> ReadLayer<S> {
+    /// Writes what is left of the ping frame the driver queued, if any.
+    fn poll_ping(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while usize::from(self.ping_sent) < PING_FRAME {
+            let rest = &self.ping[usize::from(self.ping_sent)..];
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.ping_sent += n as u8;
+            self.written += n as u64;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes pass straight to the stream, after the rest of a ping frame a
+/// supervisor's driver queued in this layer (a server's pings skip
+/// tungstenite); they are counted for the driver's write-progress probe.
 impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_ping(cx))?;
         let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
         self.written += n as u64;
         Poll::Ready(Ok(n))
@@ -749,6 +801,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_ping(cx))?;
         let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
         self.written += n as u64;
         Poll::Ready(Ok(n))
@@ -759,10 +812,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadLayer<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_ping(cx))?;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_ping(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -1126,6 +1181,59 @@ pub(crate) mod tests {
         t.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, vec![7u8; 5000]);
         assert_eq!(t.spill.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queued_ping_goes_out_whole_before_the_next_bytes_written() {
+        // A pipe that takes at most 4 bytes at a time: the ping needs three
+        // writes, with waits between them.
+        let (layer_end, mut peer) = tokio::io::duplex(4);
+        let mut t = ReadLayer::with_chunk(layer_end, 4096);
+        t.drive(1 << 20);
+        assert!(t.queue_ping(*b"12345678"));
+        assert!(!t.queue_ping(*b"abcdefgh"), "one ping at a time");
+        let after = frame(0x2, b"what tungstenite writes next", None);
+        let mut want = frame(0x9, b"12345678", None);
+        want.extend_from_slice(&after);
+        let write = async {
+            t.write_all(&after).await.unwrap();
+            t.flush().await.unwrap();
+            t
+        };
+        let read = async {
+            let mut got = vec![0; want.len()];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let (mut t, got) = tokio::join!(write, read);
+        assert_eq!(got, want, "the ping, whole, then the rest");
+        assert_eq!(t.bytes_written(), Some(want.len() as u64));
+        assert!(t.queue_ping(*b"abcdefgh"), "out: the next one may go");
+    }
+
+    #[tokio::test]
+    async fn a_flush_alone_writes_a_queued_ping() {
+        let (layer_end, mut peer) = tokio::io::duplex(64);
+        let mut t = ReadLayer::with_chunk(layer_end, 4096);
+        t.drive(1 << 20);
+        assert!(t.queue_ping(7u64.to_be_bytes()));
+        t.flush().await.unwrap();
+        let mut got = [0; 10];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got[..], frame(0x9, &7u64.to_be_bytes(), None)[..]);
+    }
+
+    #[test]
+    fn only_a_driven_server_layer_queues_pings() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut undriven = ReadLayer::with_chunk(a, 4096);
+        assert!(!undriven.queue_ping([0; 8]), "a stream given to supervise");
+        let (a, _b) = tokio::io::duplex(64);
+        let mut client = ReadLayer::for_client(a, 4096);
+        client.sniffer = CloseSniffer::frames();
+        client.drive(1 << 20);
+        assert!(client.driven);
+        assert!(!client.queue_ping([0; 8]), "a client's frames need a mask");
     }
 
     /// A final frame with `opcode` and `payload`, masked with `mask` if
