@@ -42,9 +42,10 @@ const BATCH: usize = 16;
 
 /// What the driver can see and do of its stream beneath the protocol
 /// layer: on streams the supervisor built (a [`ReadLayer`]), the bytes the
-/// socket accepted, the raw payload of the peer's Close, and reads of its
-/// own (pongs and plain data messages past tungstenite); on a stream given
-/// to `supervise`, nothing.
+/// socket accepted, the raw payload of the peer's Close, reads of its own
+/// (pongs and plain data messages past tungstenite), and, on a server's,
+/// its ping frames written past tungstenite; on a stream given to
+/// `supervise`, nothing.
 pub(crate) struct Probe<S> {
     /// Bytes the socket has accepted from us, if known.
     pub(crate) written: fn(&S) -> Option<u64>,

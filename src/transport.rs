@@ -46,7 +46,9 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// frame, and
 /// every frame on a stream given to
 /// [`Supervisor::supervise`](crate::Supervisor::supervise), goes through
-/// tungstenite.
+/// tungstenite. A server's own ping frames skip tungstenite the other way:
+/// the driver queues each in this layer, which writes it ahead of
+/// anything tungstenite writes next.
 ///
 /// Use it together with [`Config::websocket_config`]: the example there
 /// builds a stream exactly as the supervisor does.
@@ -202,8 +204,9 @@ impl<S> ReadLayer<S> {
     /// caller then sends the ping through tungstenite.
     ///
     /// The caller must know that tungstenite holds no byte it has not
-    /// written (the driver pings only when everything was flushed), or the
-    /// ping would land inside one of its frames.
+    /// written, or the ping would land inside one of its frames: the driver
+    /// pings only once everything was flushed (a peer's ping, whose pong
+    /// tungstenite then owes, counts as unflushed until that pong is out).
     pub(crate) fn queue_ping(&mut self, payload: [u8; 8]) -> bool {
         if !self.driven || !self.peer_masks || usize::from(self.ping_sent) < PING_FRAME {
             return false;
@@ -1218,6 +1221,8 @@ pub(crate) mod tests {
         t.drive(1 << 20);
         assert!(t.queue_ping(7u64.to_be_bytes()));
         t.flush().await.unwrap();
+        // Gone: a ping not written would be an end of stream, not a wait.
+        drop(t);
         let mut got = [0; 10];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(got[..], frame(0x9, &7u64.to_be_bytes(), None)[..]);

@@ -51,6 +51,45 @@ async fn a_ping_due_while_the_write_side_is_blocked_leaves_the_verdict_to_the_wr
     assert_eq!(events.len(), 1);
 }
 
+/// A server's ping frame is written by the read layer, past tungstenite.
+/// Cut by a full pipe, it still reaches the peer whole and before the
+/// message sent while it was on its way, and the pong to it matches.
+#[tokio::test(start_paused = true)]
+async fn a_ping_cut_by_a_full_pipe_goes_out_whole_before_the_next_message() {
+    let config = heartbeat(SEC, 30 * SEC).build().unwrap();
+    let (sup, events) = supervisor(config);
+    // 4 bytes: the 10-byte ping takes three writes, the peer reads nothing
+    // yet.
+    let (conn, mut peer) = accept_raw_with(&sup, 4).await;
+    for _ in 0..300 {
+        if conn.stats().pings_sent > 0 {
+            break;
+        }
+        sleep(10 * MS).await;
+    }
+    assert_eq!(conn.stats().pings_sent, 1, "the first ping is on its way");
+    conn.send(Message::text("after")).await.unwrap();
+    sleep(MS).await;
+    let ping = peer.read_frame().await.unwrap();
+    assert_eq!(
+        (ping.fin, ping.opcode, ping.payload.len()),
+        (true, OP_PING, 8)
+    );
+    let next = peer.read_frame().await.unwrap();
+    assert_eq!((next.opcode, &next.payload[..]), (OP_TEXT, &b"after"[..]));
+    peer.send(OP_PONG, &ping.payload).await;
+    for _ in 0..100 {
+        if conn.stats().pongs_received > 0 {
+            break;
+        }
+        sleep(10 * MS).await;
+    }
+    let stats = conn.stats();
+    assert_eq!((stats.pongs_received, stats.pongs_unmatched), (1, 0));
+    assert!(stats.last_rtt.is_some(), "the pong answered our ping");
+    assert_eq!(events.len(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_peers_close_arriving_while_ours_is_queued_makes_our_close_final() {
     let config = heartbeat(60 * SEC, 60 * SEC)
