@@ -46,9 +46,10 @@ pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 256;
 /// frame, and
 /// every frame on a stream given to
 /// [`Supervisor::supervise`](crate::Supervisor::supervise), goes through
-/// tungstenite. A server's own ping frames skip tungstenite the other way:
-/// the driver queues each in this layer, which writes it ahead of
-/// anything tungstenite writes next.
+/// tungstenite. On the streams the supervisor builds for a server, its
+/// driver's ping frames skip tungstenite the other way: the driver queues
+/// each in this layer, which writes it ahead of anything tungstenite
+/// writes next.
 ///
 /// Use it together with [`Config::websocket_config`]: the example there
 /// builds a stream exactly as the supervisor does.
