@@ -551,18 +551,10 @@ where
             return false;
         }
         let mut cx = Context::from_waker(&self.to_app.waker);
-        // The stream's own read first: a data message comes without a pass
-        // through tungstenite; anything else is tungstenite's to read.
-        let read = match (self.take)(self.ws.get_mut(), &mut cx) {
-            Poll::Ready(Taken::Message(message)) => Poll::Ready(Some(Ok(message))),
-            Poll::Ready(Taken::Pass) => Pin::new(&mut self.ws).poll_next(&mut cx),
-            Poll::Pending => Poll::Pending,
-        };
+        let (pong, read) = read_next(&mut self.ws, self.take, self.take_pong, &mut cx);
         // After a message, the stream may know that nothing is left.
         let parked =
             matches!(read, Poll::Ready(Some(Ok(_)))) && (self.parked)(self.ws.get_mut(), &mut cx);
-        // A pong the read layer took comes first: it was read first.
-        let pong = (self.take_pong)(self.ws.get_mut());
         if let Some(payload) = pong {
             self.shared.touch(now);
             let pong = self.hb.on_pong(now, &payload);
@@ -1122,6 +1114,28 @@ where
             None => false,
         }
     }
+}
+
+/// What tungstenite's stream yields.
+type WsResult<T> = Result<T, WsError>;
+
+/// One read of `ws` as the driver makes it: the stream's own read first
+/// (`take`: a data message comes without a pass through tungstenite),
+/// anything else tungstenite's; and the pong the stream took aside on the
+/// way (`take_pong`), which comes before what was read, as it was read
+/// first.
+pub(crate) fn read_next<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
+    take_pong: fn(&mut S) -> Option<[u8; 8]>,
+    cx: &mut Context<'_>,
+) -> (Option<[u8; 8]>, Poll<Option<WsResult<Message>>>) {
+    let read = match take(ws.get_mut(), cx) {
+        Poll::Ready(Taken::Message(message)) => Poll::Ready(Some(Ok(message))),
+        Poll::Ready(Taken::Pass) => Pin::new(&mut *ws).poll_next(cx),
+        Poll::Pending => Poll::Pending,
+    };
+    (take_pong(ws.get_mut()), read)
 }
 
 /// What carries a ping's nonce to the peer.

@@ -62,6 +62,10 @@ pub struct ReadLayer<S> {
     spill: Vec<u8>,
     pos: u32,
     end: u32,
+    /// The spill's unread bytes are the rest of a read that was short (the
+    /// socket gave fewer bytes than asked): handing out the last of them
+    /// ends what the socket had, as a short read of its own would.
+    spill_short: bool,
     /// Bytes per read system call (at most [`CHUNK`]), outside a payload
     /// taken past tungstenite.
     chunk: usize,
@@ -124,6 +128,7 @@ impl<S> ReadLayer<S> {
             spill: prefix,
             pos: 0,
             end,
+            spill_short: false,
             chunk: chunk.clamp(1, CHUNK),
             written: 0,
             sniffer: CloseSniffer::frames(),
@@ -299,16 +304,18 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
             let full = filled.len() == self.chunk;
             let mut spill = Vec::with_capacity(if full { self.chunk } else { filled.len() - n });
             spill.extend_from_slice(&filled[n..]);
-            self.keep(spill);
+            self.keep(spill, filled.len() < self.chunk);
         }
         Poll::Ready(Ok(filled.len() < self.chunk))
     }
 
-    /// Keeps `spill` (all of it unread) for the next reads.
-    fn keep(&mut self, spill: Vec<u8>) {
+    /// Keeps `spill` (all of it unread) for the next reads: the rest of a
+    /// read that was `short` or not.
+    fn keep(&mut self, spill: Vec<u8>, short: bool) {
         self.pos = 0;
         self.end = spill.len() as u32;
         self.spill = spill;
+        self.spill_short = short;
     }
 
     /// Within a frame that needs more than `asked` bytes: one read into the
@@ -330,6 +337,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         self.spill = spill;
         self.pos = n as u32;
         self.end = filled as u32;
+        self.spill_short = filled < self.chunk;
         ready!(read)?;
         Poll::Ready(Ok(filled < self.chunk))
     }
@@ -393,7 +401,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                 Some((pos, end)) => (self.pos, self.end) = (pos + stop as u32, end),
                 None => {
                     let rest = out.filled()[before + stop..].to_vec();
-                    self.unread(rest);
+                    self.unread(rest, short);
                 }
             }
         }
@@ -445,7 +453,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                     if self.pos == self.end {
                         self.forget_spill();
                     }
-                    (false, message)
+                    (self.spill_short, message)
                 } else if self.stashed.is_some() {
                     return Poll::Ready(Taken::Pass);
                 } else {
@@ -505,7 +513,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                 let filled = buf.filled();
                 let (used, message) = self.take_from(filled);
                 if used < filled.len() {
-                    self.keep(filled[used..].to_vec());
+                    self.keep(filled[used..].to_vec(), filled.len() < self.chunk);
                 }
                 return Poll::Ready((filled.len() < self.chunk, message));
             }
@@ -545,7 +553,8 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                         Ok(_) => Stashed::End,
                     });
                     let frame = self.taking.take().expect("a frame being taken");
-                    self.unread(frame.give_back());
+                    // Its end follows it: no read ends with these bytes.
+                    self.unread(frame.give_back(), false);
                     self.give_back = true;
                     return Poll::Ready(None);
                 }
@@ -553,14 +562,14 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
         }
         let mut taking = self.taking.take().expect("a frame being taken");
         let behind = taking.payload.split_off(taking.head.len);
-        self.unread(behind);
+        self.unread(behind, short);
         match taking.finish() {
             Ok(message) => {
                 self.whole = short && self.pos == self.end;
                 Poll::Ready(Some(message))
             }
             Err(wire) => {
-                self.unread(wire);
+                self.unread(wire, short);
                 self.give_back = true;
                 Poll::Ready(None)
             }
@@ -568,15 +577,19 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     }
 
     /// Puts `front` back before the unread bytes of the spill (in
-    /// `front`'s memory).
-    fn unread(&mut self, mut front: Vec<u8>) {
+    /// `front`'s memory): what the last read, `short` or not, gave past
+    /// what was used, unless the spill already holds bytes behind it.
+    fn unread(&mut self, mut front: Vec<u8>, short: bool) {
         if front.is_empty() {
             return;
         }
-        if self.pos < self.end {
+        let short = if self.pos < self.end {
             front.extend_from_slice(&self.spill[self.pos as usize..self.end as usize]);
-        }
-        self.keep(front);
+            self.spill_short
+        } else {
+            short
+        };
+        self.keep(front, short);
     }
 
     /// The spill is empty: its memory goes back.
@@ -733,10 +746,11 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
             let n = out.remaining().min(end - pos);
             out.put_slice(&this.spill[pos..pos + n]);
             this.pos += n as u32;
-            if this.pos == this.end {
-                (this.pos, this.end) = (0, 0);
+            if this.pos < this.end {
+                return Poll::Ready(Ok(false));
             }
-            return Poll::Ready(Ok(false));
+            (this.pos, this.end) = (0, 0);
+            return Poll::Ready(Ok(this.spill_short));
         }
         match this.stashed.take() {
             Some(Stashed::End) => return Poll::Ready(Ok(true)),
@@ -1507,6 +1521,38 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_last_frame_of_a_short_read_parks_the_socket_from_the_spill() {
+        let key = Some([1, 2, 3, 4]);
+        let ping = frame(0x9, b"hi", key);
+        let wakes = Arc::new(Counter::default());
+        // The driver's own read takes nothing (a ping is tungstenite's) and
+        // keeps what it read: tungstenite's read of it ends what the socket
+        // had.
+        let (mut t, mut peer) = tcp_pair().await;
+        peer.write_all(&ping).await.unwrap();
+        let taken = std::future::poll_fn(|cx| t.poll_take(cx)).await;
+        assert!(matches!(taken, Taken::Pass));
+        assert_eq!(t.end - t.pos, ping.len() as u32, "kept for tungstenite");
+        assert_eq!(read_then_park(&mut t, &wakes).await, (ping.len(), true));
+        // Two frames in one read: the first is not the end, the second is.
+        let (mut t, mut peer) = tcp_pair().await;
+        peer.write_all(&[ping.clone(), ping.clone()].concat())
+            .await
+            .unwrap();
+        assert_eq!(read_then_park(&mut t, &wakes).await, (ping.len(), false));
+        assert_eq!(read_then_park(&mut t, &wakes).await, (ping.len(), true));
+        // The registration `parked` made is what tells us of the next bytes.
+        peer.write_all(&ping).await.unwrap();
+        for _ in 0..1000 {
+            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn more_or_less_than_one_whole_frame_is_not_parked() {
         let key = Some([1, 2, 3, 4]);
         let one = frame(0x1, b"hello", key);
@@ -1980,7 +2026,7 @@ pub(crate) mod tests {
     mod same_as_tungstenite {
         use super::super::*;
         use super::frame;
-        use futures::{FutureExt, StreamExt};
+        use futures::FutureExt;
         use proptest::prelude::*;
         use tokio::io::{AsyncWriteExt, DuplexStream};
         use tokio_tungstenite::WebSocketStream;
@@ -2016,20 +2062,16 @@ pub(crate) mod tests {
         /// What a stream yields, as text: each message, then how it ended.
         fn next_items<S: AsyncRead + AsyncWrite + Unpin>(
             ws: &mut WebSocketStream<S>,
-            take: impl Fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
-            pongs: impl Fn(&mut S) -> Option<[u8; 8]>,
+            take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
+            take_pong: fn(&mut S) -> Option<[u8; 8]>,
             out: &mut Vec<String>,
         ) -> bool {
             let mut cx = Context::from_waker(std::task::Waker::noop());
             for _ in 0..100_000 {
-                let next = match take(ws.get_mut(), &mut cx) {
-                    Poll::Ready(Taken::Message(m)) => Poll::Ready(Some(Ok(m))),
-                    Poll::Ready(Taken::Pass) => ws.poll_next_unpin(&mut cx),
-                    Poll::Pending => Poll::Pending,
-                };
-                // As the driver does: a pong taken aside comes first, it
-                // was read first (tungstenite would have yielded it).
-                if let Some(p) = pongs(ws.get_mut()) {
+                // The driver's own read step (tungstenite would have
+                // yielded the pong it took aside, before the rest).
+                let (pong, next) = crate::driver::read_next(ws, take, take_pong, &mut cx);
+                if let Some(p) = pong {
                     out.push(format!("{:?}", Message::Pong(p.to_vec().into())));
                 }
                 match next {
@@ -2066,15 +2108,15 @@ pub(crate) mod tests {
             mut tx: DuplexStream,
             bytes: &[u8],
             cuts: &[usize],
-            take: impl Fn(&mut S, &mut Context<'_>) -> Poll<Taken> + Copy,
-            pongs: impl Fn(&mut S) -> Option<[u8; 8]>,
+            take: fn(&mut S, &mut Context<'_>) -> Poll<Taken>,
+            take_pong: fn(&mut S) -> Option<[u8; 8]>,
         ) -> Vec<String> {
             let mut ws = ws;
             let mut out = Vec::new();
             let mut at = 0;
             let mut open = true;
             let drain = |ws: &mut WebSocketStream<S>, out: &mut Vec<String>| {
-                next_items(ws, take, &pongs, out)
+                next_items(ws, take, take_pong, out)
             };
             for &cut in cuts.iter().chain([bytes.len()].iter()) {
                 let end = cut.clamp(at, bytes.len());
