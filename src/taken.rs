@@ -114,7 +114,8 @@ impl Taking {
 impl Head {
     /// This header followed by `payload`, in the payload's memory when it
     /// has room for the header (a frame read over several reads has its
-    /// `SLACK`), so a large frame is not copied a second time.
+    /// `SLACK`): the payload moves up by the header's length, but a large
+    /// frame is not allocated a second time.
     fn wire(&self, mut payload: Vec<u8>) -> Vec<u8> {
         payload.splice(0..0, self.raw[..self.header].iter().copied());
         payload
@@ -123,7 +124,7 @@ impl Head {
 
 /// XORs `buf` with the 4-byte `mask`, from the payload's start (its own
 /// inverse: masks and unmasks).
-fn unmask(buf: &mut [u8], mask: [u8; 4]) {
+pub(crate) fn unmask(buf: &mut [u8], mask: [u8; 4]) {
     let [a, b, c, d] = mask;
     let wide = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
     let mut words = buf.chunks_exact_mut(8);

@@ -5,10 +5,10 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::bytes::BufMut;
 
 use crate::config::Config;
 use crate::taken::{Head, Taking};
@@ -724,9 +724,7 @@ fn whole_pong(bytes: &[u8], masked: bool) -> Option<(usize, [u8; 8])> {
     let start = if masked { 6 } else { 2 };
     let mut payload: [u8; 8] = bytes.get(start..start + 8)?.try_into().ok()?;
     if masked {
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b ^= bytes[2 + i % 4];
-        }
+        crate::taken::unmask(&mut payload, [bytes[2], bytes[3], bytes[4], bytes[5]]);
     }
     Some((start + 8, payload))
 }
@@ -1241,6 +1239,42 @@ pub(crate) mod tests {
         let mut got = [0; 10];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(got[..], frame(0x9, &7u64.to_be_bytes(), None)[..]);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_or_a_vectored_write_sends_a_queued_ping_first() {
+        let ping = frame(0x9, b"12345678", None);
+        // A shutdown (tungstenite's close of the transport) after the ping.
+        let (layer_end, mut peer) = tokio::io::duplex(64);
+        let mut t = ReadLayer::with_chunk(layer_end, 4096);
+        t.drive(1 << 20);
+        assert!(t.queue_ping(*b"12345678"));
+        t.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, ping);
+        // A vectored write.
+        let (layer_end, mut peer) = tokio::io::duplex(64);
+        let mut t = ReadLayer::with_chunk(layer_end, 4096);
+        t.drive(1 << 20);
+        assert!(t.queue_ping(*b"12345678"));
+        let after = frame(0x2, b"after", None);
+        let n = t.write_vectored(&[io::IoSlice::new(&after)]).await.unwrap();
+        assert_eq!(n, after.len());
+        drop(t);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [ping, after].concat());
+    }
+
+    #[test]
+    fn a_driver_takes_at_most_one_gib_whatever_the_limits() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut t = ReadLayer::with_chunk(a, 4096);
+        t.drive(usize::MAX);
+        assert_eq!(t.max_len, MAX_TAKEN);
+        t.drive(4096);
+        assert_eq!(t.max_len, 4096);
     }
 
     #[test]
