@@ -196,7 +196,7 @@ impl<S> ReadLayer<S> {
     }
 
     /// The pong this layer took out of the stream, if any (see
-    /// [`AsyncRead`](#impl-AsyncRead-for-ReadLayer<S>)).
+    /// [`poll_take`](Self::poll_take)).
     pub(crate) fn take_pong(&mut self) -> Option<[u8; 8]> {
         self.pong.take()
     }
@@ -343,23 +343,15 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
     }
 }
 
-/// The stream, less the pongs the driver takes directly.
-///
-/// A whole, unfragmented pong with an 8-byte payload (what answers the
-/// supervisor's pings), masked as the peer's role requires, at a frame
-/// boundary, is taken out of the bytes handed to tungstenite and kept for
-/// the driver, one at a time. A peer's pong is then read with one read of
-/// the socket and no pass through tungstenite's frame parser, and the read
-/// that finds nothing else behind it registers for the next bytes at once.
-/// Every other frame, including any pong that breaks a rule, passes through
-/// untouched, so tungstenite judges it as before.
+/// What tungstenite reads: every byte the driver's own reads did not take
+/// (see [`poll_take`](Self::poll_take)), untouched, so tungstenite judges
+/// it as before.
 ///
 /// Under a supervisor's driver, each read hands tungstenite at most one
-/// frame (pongs taken aside), and a client's read that ends the server's
-/// HTTP response head stops there: tungstenite then never holds a whole
-/// frame it has not returned, so the driver's own reads of data frames
-/// between tungstenite's cannot take a frame ahead of one tungstenite
-/// still holds.
+/// frame, and a client's read that ends the server's HTTP response head
+/// stops there: tungstenite then never holds a whole frame it has not
+/// returned, so the driver's own reads between tungstenite's cannot take a
+/// frame ahead of one tungstenite still holds.
 impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -367,32 +359,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLayer<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.whole = false;
-        // A read of nothing but a pong we took leaves tungstenite without
-        // bytes (and 0 bytes would be EOF): read once more. That read takes
-        // no pong, since the slot is full until the driver takes it.
-        if ready!(self.as_mut().read_and_pass(cx, out))? {
-            ready!(self.as_mut().read_and_pass(cx, out))?;
-        }
-        Poll::Ready(Ok(()))
+        self.read_and_pass(cx, out)
     }
 }
 
 impl<S: AsyncRead + Unpin> ReadLayer<S> {
-    /// One read, less the pong taken from it and cut after the first frame
-    /// (see [`pass`](Self::pass)); sets `whole`. Returns whether the read
-    /// was nothing but that pong.
+    /// One read, cut after the first frame (see [`pass`](Self::pass));
+    /// sets `whole`.
     fn read_and_pass(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<bool>> {
+    ) -> Poll<io::Result<()>> {
         let before = out.filled().len();
         // Where the spill was, if this read is served from it.
         let kept_at = (self.pos < self.end).then_some((self.pos, self.end));
         let short = ready!(self.as_mut().read_to(cx, out))?;
         let read = out.filled().len() - before;
         let from_boundary = self.sniffer.at_boundary();
-        let (kept, frames, stop) = self.pass(&mut out.filled_mut()[before..]);
+        let (frames, stop) = self.pass(&out.filled()[before..]);
         if stop < read {
             match kept_at {
                 // Still in the spill's memory: step back, copying nothing
@@ -405,7 +390,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
                 }
             }
         }
-        out.set_filled(before + kept);
+        out.set_filled(before + stop);
         // Never after the peer's Close: tungstenite then ends the stream on
         // its next read without a byte from the socket.
         self.whole = from_boundary
@@ -414,7 +399,7 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
             && short
             && self.pos == self.end
             && self.sniffer.last.is_none();
-        Poll::Ready(Ok(read > 0 && kept == 0))
+        Poll::Ready(Ok(()))
     }
 
     /// For the driver, before it asks tungstenite: takes the next data
@@ -666,39 +651,23 @@ impl<S> ReadLayer<S> {
         (at, None)
     }
 
-    /// Follows `bytes`, just read, frame by frame; takes out a pong for the
-    /// driver where one may be taken. Returns how many bytes are left
-    /// (moved to the front) for tungstenite, in how many frames (or parts
-    /// of frames), and where it stopped: for a driver, after the first
-    /// frame it passed, and for a client, at the end of the HTTP head (the
-    /// bytes from there go back to the spill).
-    fn pass(&mut self, bytes: &mut [u8]) -> (usize, usize, usize) {
-        let (mut at, mut kept, mut frames) = (0, 0, 0);
+    /// Follows `bytes`, just read, frame by frame, for tungstenite.
+    /// Returns in how many frames (or parts of frames), and where it
+    /// stopped: for a driver, after the first frame, and for a client, at
+    /// the end of the HTTP head (the bytes from there go back to the
+    /// spill).
+    fn pass(&mut self, bytes: &[u8]) -> (usize, usize) {
+        let (mut at, mut frames) = (0, 0);
         while at < bytes.len() {
             if self.driven && frames == 1 && self.sniffer.at_boundary() {
                 break;
-            }
-            // Not after the peer's Close: tungstenite must see (and refuse)
-            // any frame behind it.
-            let takes = self.driven && self.pong.is_none() && self.sniffer.last.is_none();
-            if takes && self.sniffer.at_boundary() {
-                if let Some((len, payload)) = whole_pong(&bytes[at..], self.peer_masks) {
-                    self.pong = Some(payload);
-                    at += len;
-                    continue;
-                }
             }
             if self.sniffer.at_boundary() {
                 // A frame given back is tungstenite's from here.
                 self.give_back = false;
             }
             let in_head = !self.sniffer.in_frames();
-            let n = self.sniffer.feed_frame(&bytes[at..]);
-            if kept != at {
-                bytes.copy_within(at..at + n, kept);
-            }
-            at += n;
-            kept += n;
+            at += self.sniffer.feed_frame(&bytes[at..]);
             frames += 1;
             if in_head && self.sniffer.in_frames() {
                 // A client's HTTP head: tungstenite's handshake keeps what
@@ -708,7 +677,7 @@ impl<S> ReadLayer<S> {
                 break;
             }
         }
-        (kept, frames, at)
+        (frames, at)
     }
 }
 
@@ -1340,13 +1309,16 @@ pub(crate) mod tests {
     }
 
     /// Everything `t` hands tungstenite until the writer is gone, and the
-    /// pongs it took on the way (taken after every read, as the driver does).
+    /// pongs it took on the way, read as the driver reads: its own read
+    /// first (no data frame here qualifies), then tungstenite's.
     async fn drain(t: &mut ReadLayer<tokio::io::DuplexStream>) -> (Vec<u8>, Vec<[u8; 8]>) {
         let (mut passed, mut pongs) = (Vec::new(), Vec::new());
         loop {
+            let taken = std::future::poll_fn(|cx| t.poll_take(cx)).await;
+            assert!(matches!(taken, Taken::Pass), "{taken:?}");
+            pongs.extend(t.take_pong());
             let mut buf = [0u8; 256];
             let n = t.read(&mut buf).await.unwrap();
-            pongs.extend(t.take_pong());
             if n == 0 {
                 return (passed, pongs);
             }
@@ -1425,22 +1397,13 @@ pub(crate) mod tests {
             t.drive(0);
             tx.write_all(&bytes).await.unwrap();
             drop(tx);
-            let mut passed = vec![0u8; 256];
-            let mut n = 0;
-            loop {
-                let got = t.read(&mut passed[n..]).await.unwrap();
-                if got == 0 {
-                    break;
-                }
-                n += got;
-            }
-            let taken = t.take_pong();
+            let (passed, taken) = drain(&mut t).await;
             if what.starts_with("a second") {
-                assert_eq!(taken, Some(*b"abcdefgh"), "{what}");
-                assert_eq!(passed[..n], bytes[14..], "{what}");
+                assert_eq!(taken, vec![*b"abcdefgh"], "{what}");
+                assert_eq!(passed, bytes[14..], "{what}");
             } else {
-                assert_eq!(taken, None, "{what}");
-                assert_eq!(passed[..n], bytes[..], "{what}");
+                assert!(taken.is_empty(), "{what}");
+                assert_eq!(passed, bytes, "{what}");
             }
         }
     }
@@ -1492,12 +1455,13 @@ pub(crate) mod tests {
         tx.write_all(&frame(0xA, b"12345678", Some([1, 1, 1, 1])))
             .await
             .unwrap();
-        let mut buf = [0u8; 64];
-        // One poll reads the pong (it is there) and finds nothing behind it.
-        let read = futures::FutureExt::now_or_never(t.read(&mut buf));
-        assert!(read.is_none(), "no bytes for tungstenite: Pending, not EOF");
+        // One poll reads the pong (it is there) and finds nothing behind it:
+        // nothing for tungstenite, so no pass to it.
+        assert!(take(&mut t).is_pending(), "Pending, not a pass to the end");
         assert_eq!(t.take_pong(), Some(*b"12345678"));
         tx.write_all(b"x").await.unwrap();
+        assert!(matches!(take(&mut t), Poll::Ready(Taken::Pass)));
+        let mut buf = [0u8; 64];
         assert_eq!(t.read(&mut buf).await.unwrap(), 1);
     }
 
