@@ -184,12 +184,8 @@ struct FromApp {
 
 /// What the write side owes the socket.
 struct WriteSide<S> {
-    /// Bytes were handed down (to tungstenite, or a ping frame to the
-    /// stream itself) and not yet flushed.
-    dirty: bool,
-    /// All of them are the stream's own ping frame: tungstenite holds
-    /// nothing, and the flush need not pass through it.
-    ping_only: bool,
+    /// What was handed down and not yet flushed.
+    unflushed: Unflushed,
     /// Since when the write side has been blocked without progress (`None`:
     /// it is not blocked): the write timeout counts from here.
     blocked_since: Option<Instant>,
@@ -202,19 +198,33 @@ struct WriteSide<S> {
     reply: Option<Box<Message>>,
 }
 
+/// What the write side handed down and the socket has not all taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unflushed {
+    Nothing,
+    /// A ping frame queued in the stream itself, and nothing else:
+    /// tungstenite holds nothing, and the flush need not pass through it.
+    Ping,
+    /// Bytes handed to tungstenite (and a ping before them, if any).
+    Tungstenite,
+}
+
 impl<S> WriteSide<S> {
+    /// Bytes are waiting for the socket.
+    fn dirty(&self) -> bool {
+        self.unflushed != Unflushed::Nothing
+    }
+
     /// Bytes were handed to tungstenite.
     fn queued(&mut self) {
-        self.dirty = true;
-        self.ping_only = false;
+        self.unflushed = Unflushed::Tungstenite;
     }
 
     /// A ping frame was queued in the stream itself; nothing else waits
     /// (pings go out only once everything is flushed).
     fn queued_ping(&mut self) {
-        debug_assert!(!self.dirty, "a ping past tungstenite behind its bytes");
-        self.dirty = true;
-        self.ping_only = true;
+        debug_assert!(!self.dirty(), "a ping past tungstenite behind its bytes");
+        self.unflushed = Unflushed::Ping;
     }
 
     /// The write side could not finish at `now`. The write timeout measures
@@ -230,8 +240,7 @@ impl<S> WriteSide<S> {
 
     /// Everything was flushed.
     fn flushed(&mut self) {
-        self.dirty = false;
-        self.ping_only = false;
+        self.unflushed = Unflushed::Nothing;
         self.blocked_since = None;
     }
 }
@@ -290,8 +299,7 @@ where
             parked: probe.parked,
             queue_ping: probe.queue_ping,
             write: WriteSide {
-                dirty: false,
-                ping_only: false,
+                unflushed: Unflushed::Nothing,
                 blocked_since: None,
                 progress: probe.written,
                 written: None,
@@ -685,7 +693,7 @@ where
         if self.phase != Phase::Open || unsendable(&reply, limit).is_some() {
             return;
         }
-        if self.write.dirty {
+        if self.write.dirty() {
             self.write.reply = Some(Box::new(reply));
         } else {
             self.start_send(reply);
@@ -787,7 +795,7 @@ where
             }
             // Nothing queued (a send wakes us), and no blocked write side
             // for `poll_ready` to clear: nothing to do.
-            let idle_write = self.write.dirty || self.write.blocked_since.is_none();
+            let idle_write = self.write.dirty() || self.write.blocked_since.is_none();
             if idle_write && self.shared.outbox_is_empty() {
                 break;
             }
@@ -802,7 +810,7 @@ where
                 }
                 // Ready to take a message is not "flushed": tungstenite may
                 // still hold control frames it could not write.
-                Poll::Ready(Ok(())) if !self.write.dirty => self.write.blocked_since = None,
+                Poll::Ready(Ok(())) if !self.write.dirty() => self.write.blocked_since = None,
                 Poll::Ready(Ok(())) => {}
             }
             match self.shared.next_command() {
@@ -857,10 +865,10 @@ where
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        if !self.write.dirty || self.phase == Phase::Done {
+        if !self.write.dirty() || self.phase == Phase::Done {
             return false;
         }
-        let flush = if self.write.ping_only {
+        let flush = if self.write.unflushed == Unflushed::Ping {
             Pin::new(self.ws.get_mut())
                 .poll_flush(cx)
                 .map_err(WsError::Io)
@@ -1035,7 +1043,7 @@ where
             return true;
         }
         if let Some(nonce) = self.hb.nonce_due(now) {
-            if self.write.dirty {
+            if self.write.dirty() {
                 // Our own bytes still wait for the socket: a ping queued
                 // behind them would not reach the peer, and holding the
                 // peer to it would blame it for our backlog. Nor may pings
@@ -1103,7 +1111,7 @@ where
     /// Sends the reply to the peer's application ping that waited for the
     /// write side; returns whether it did.
     fn send_waiting_reply(&mut self) -> bool {
-        if self.write.dirty {
+        if self.write.dirty() {
             return false;
         }
         match self.write.reply.take() {
@@ -1202,6 +1210,20 @@ mod tests {
     /// What `Supervisor::register` spawns: the driver's future in its span.
     fn spawned((driver, span): (Driver<DuplexStream>, ConnSpan)) -> impl Future<Output = ()> {
         span.instrument(driver.run())
+    }
+
+    // The wiring the pings past tungstenite depend on: a server's read
+    // layer takes the driver's ping frames, a stream built elsewhere does
+    // not (its pings go through tungstenite).
+    #[test]
+    fn a_servers_read_layer_takes_the_drivers_pings_and_no_other_stream_does() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let mut layer = ReadLayer::new(io, &crate::Config::default());
+        let probe = Probe::read_layer();
+        (probe.drive)(&mut layer, 1 << 20);
+        assert!((probe.queue_ping)(&mut layer, [1; 8]));
+        let (mut io, _peer) = tokio::io::duplex(64);
+        assert!(!(Probe::<DuplexStream>::none().queue_ping)(&mut io, [1; 8]));
     }
 
     // The promise of the `tracing` feature: off, the span is nothing and the

@@ -61,13 +61,11 @@ async fn a_ping_cut_by_a_full_pipe_goes_out_whole_before_the_next_message() {
     // 4 bytes: the 10-byte ping takes three writes, the peer reads nothing
     // yet.
     let (conn, mut peer) = accept_raw_with(&sup, 4).await;
-    for _ in 0..300 {
-        if conn.stats().pings_sent > 0 {
-            break;
-        }
-        sleep(10 * MS).await;
-    }
-    assert_eq!(conn.stats().pings_sent, 1, "the first ping is on its way");
+    wait_until("the first ping is on its way", || {
+        conn.stats().pings_sent > 0
+    })
+    .await;
+    assert_eq!(conn.stats().pings_sent, 1);
     conn.send(Message::text("after")).await.unwrap();
     sleep(MS).await;
     let ping = peer.read_frame().await.unwrap();
@@ -78,12 +76,7 @@ async fn a_ping_cut_by_a_full_pipe_goes_out_whole_before_the_next_message() {
     let next = peer.read_frame().await.unwrap();
     assert_eq!((next.opcode, &next.payload[..]), (OP_TEXT, &b"after"[..]));
     peer.send(OP_PONG, &ping.payload).await;
-    for _ in 0..100 {
-        if conn.stats().pongs_received > 0 {
-            break;
-        }
-        sleep(10 * MS).await;
-    }
+    wait_until("the pong is counted", || conn.stats().pongs_received > 0).await;
     let stats = conn.stats();
     assert_eq!((stats.pongs_received, stats.pongs_unmatched), (1, 0));
     assert!(stats.last_rtt.is_some(), "the pong answered our ping");

@@ -23,7 +23,7 @@ use ws_supervisor::{
     Supervisor,
 };
 
-use support::{SEC, supervisor};
+use support::{SEC, supervisor, wait_until};
 
 /// Generous bound on anything that should happen at once.
 const BOUND: Duration = Duration::from_secs(10);
@@ -61,17 +61,6 @@ fn echo_server(listener: TcpListener, subscribes: Arc<AtomicUsize>) -> JoinHandl
             });
         }
     })
-}
-
-/// Waits, in bounded 5 ms steps, until `done` holds.
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2_000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn a_restarted_server_gets_its_client_back_resubscribed() {

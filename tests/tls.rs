@@ -136,18 +136,6 @@ async fn tls_echo_server(
     }
 }
 
-/// Polls `done` every 10 ms until it holds: at most 2000 times (~20 s of
-/// real time), then fails with `what`.
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 /// The `rustls::Error` under a failed `connect`, if that is what failed.
 fn tls_error(err: &Error) -> Option<&rustls::Error> {
     let source = std::error::Error::source(err)?;

@@ -156,6 +156,18 @@ where
     (accept.await.unwrap(), peer)
 }
 
+/// Polls `done` every 10 ms until it holds: at most 2000 times (20 s, of
+/// virtual time under `start_paused`), then fails with `what`.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// Connects to `addr` and sends an upgrade request, then reads nothing:
 /// the caller writes what it likes and never reads (a peer that stops
 /// reading).
