@@ -344,8 +344,8 @@ impl<S: AsyncRead + Unpin> ReadLayer<S> {
 }
 
 /// What tungstenite reads: every byte the driver's own reads did not take
-/// (see [`poll_take`](Self::poll_take)), untouched, so tungstenite judges
-/// it as before.
+/// (pongs and plain data messages, on the streams the supervisor builds),
+/// untouched, so tungstenite judges it as before.
 ///
 /// Under a supervisor's driver, each read hands tungstenite at most one
 /// frame, and a client's read that ends the server's HTTP response head
