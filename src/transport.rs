@@ -1930,6 +1930,45 @@ pub(crate) mod tests {
         let mut buf = [0u8; 16];
         let err = t.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        // An error within a frame being taken: tungstenite gets the frame's
+        // bytes, then the error.
+        let mut t = ReadLayer::with_chunk(ThenReset(cut.to_vec()), 4096);
+        t.drive(usize::MAX);
+        assert!(matches!(take(&mut t), Poll::Ready(Taken::Pass)));
+        assert!(
+            t.give_back && matches!(t.stashed, Some(Stashed::Error(_))),
+            "met while taking the frame, which went back"
+        );
+        let mut got = Vec::new();
+        let err = loop {
+            match t.read(&mut buf).await {
+                Ok(n) => {
+                    assert!(n > 0, "no end before the error");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, cut);
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// A stream that gives its bytes, then fails every read with a reset.
+    struct ThenReset(Vec<u8>);
+    impl AsyncRead for ThenReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = buf.remaining().min(self.0.len());
+            buf.put_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Poll::Ready(Ok(()))
+        }
     }
 
     /// A stream whose every read fails with a reset.
