@@ -1487,6 +1487,19 @@ pub(crate) mod tests {
         (n, t.parked(&mut Context::from_waker(&waker)))
     }
 
+    /// Waits (bounded: the bytes cross loopback in well under a second)
+    /// for the socket's wake, and checks it came once.
+    async fn assert_woken_once(wakes: &Counter) {
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..1000 {
+            if count() > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(count(), 1);
+    }
+
     #[derive(Default)]
     struct Counter(std::sync::atomic::AtomicUsize);
     impl std::task::Wake for Counter {
@@ -1509,13 +1522,7 @@ pub(crate) mod tests {
         );
         peer.write_all(&text).await.unwrap();
         // The registration made by `parked` is what tells us.
-        for _ in 0..1000 {
-            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_woken_once(&wakes).await;
     }
 
     #[tokio::test]
@@ -1541,13 +1548,7 @@ pub(crate) mod tests {
         assert_eq!(read_then_park(&mut t, &wakes).await, (ping.len(), true));
         // The registration `parked` made is what tells us of the next bytes.
         peer.write_all(&ping).await.unwrap();
-        for _ in 0..1000 {
-            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_woken_once(&wakes).await;
     }
 
     #[tokio::test]
@@ -1924,7 +1925,7 @@ pub(crate) mod tests {
         let mut t = layer_fed(&[cut], usize::MAX).await;
         assert_eq!(seen(&mut t), vec![Seen::Passed(cut.to_vec())]);
         // An error at a boundary: tungstenite's next read returns it.
-        let mut t = ReadLayer::with_chunk(Failing, 4096);
+        let mut t = ReadLayer::with_chunk(ThenReset(Vec::new()), 4096);
         t.drive(usize::MAX);
         assert!(matches!(take(&mut t), Poll::Ready(Taken::Pass)));
         let mut buf = [0u8; 16];
@@ -1953,7 +1954,8 @@ pub(crate) mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
-    /// A stream that gives its bytes, then fails every read with a reset.
+    /// A stream that gives its bytes (if any), then fails every read with a
+    /// reset.
     struct ThenReset(Vec<u8>);
     impl AsyncRead for ThenReset {
         fn poll_read(
@@ -1968,18 +1970,6 @@ pub(crate) mod tests {
             buf.put_slice(&self.0[..n]);
             self.0.drain(..n);
             Poll::Ready(Ok(()))
-        }
-    }
-
-    /// A stream whose every read fails with a reset.
-    struct Failing;
-    impl AsyncRead for Failing {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
         }
     }
 
